@@ -1,0 +1,42 @@
+# Two entry points (see README): `make pipeline` and `make test`. Both set up .venv on first use.
+VENV   ?= .venv
+PYTHON ?= python3.11
+BIN     = $(VENV)/bin
+# Offline switches (pipeline/__init__.py sets them for Python; DVC and pytest read them here too).
+export DVC_NO_ANALYTICS = 1
+export MLFLOW_DISABLE_TELEMETRY = true
+export DO_NOT_TRACK = 1
+export PREFECT_SERVER_ANALYTICS_ENABLED = false
+export NO_ALBUMENTATIONS_UPDATE = 1
+# Fewer page faults on big tensors: measured ~1.6x faster torch on the project's 2-core machines.
+export MALLOC_MMAP_THRESHOLD_ = 4294967296
+export MALLOC_TRIM_THRESHOLD_ = 17179869184
+
+.PHONY: setup pipeline test test-quick bench clean-state
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11); set PYTHON=..."; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+# The main job: the whole DVC pipeline on params.yaml (the embedded default unless you changed it).
+pipeline: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc metrics show
+
+# Every test, slow ones included (what CI runs).
+test: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q
+
+# The quick path: everything not marked slow.
+test-quick: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q -m "not slow"
+
+bench: setup
+	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean-state:
+	rm -rf mlflow.db mlruns .prefect

@@ -1,0 +1,423 @@
+"""The ``evaluate`` stage: score one method on one benchmark with the stored, identical prompts.
+
+Benchmarks (``--benchmark``):
+
+- an HQ eval set of the embedding cache (DIS5K-VD, COIFT, HRSOD, ThinObject5K-TE): cached embeddings +
+  ``data/prompts/eval.parquet`` (every method sees the identical prompts);
+- the name of an ``evaluate.folders`` entry (a user's images + masks): encoded on the fly, prompts made
+  with :func:`pipeline.prompts.synthesis.eval_prompts` (same seeds and types as the prompts stage);
+- the name of an ``evaluate.coco`` entry: see :mod:`pipeline.evaluation.coco`.
+
+Outputs (written atomically): ``<out>/<benchmark>/<method>.json`` =
+``{prompt_type: {"miou", "mbiou", "st", "alpha1" (DRP methods only, a fraction 0-1 like the paper's
+Table 6), "n" (scored prompts)}}`` with miou/mbiou/st in percent (COCO: ``{key: {"map", "map50",
+"miou", "n"}}``; NaN is written as null) and ``<predictions>/<benchmark>/<method>.parquet`` with one row per
+prompt (view_id, prompt_type, draw, iou, biou, alpha1, pred_rle, score, height, width, st).
+
+Resumable: results are flushed every ``evaluate.flush_every`` images to
+``<predictions>/<benchmark>/.<method>.partial/``; a re-run with the same inputs skips finished images
+(a changed method checkpoint, base, prompts file or evaluate params starts afresh).
+
+    python -m stages.evaluate --params params.yaml --benchmark COIFT --method stable_sam \
+        --embeddings data/embeddings --prompts data/prompts/eval.parquet --base models/base \
+        --plugins models/plugins --out metrics/eval --predictions data/predictions
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.common.atomic import atomic_path, atomic_write_json
+from pipeline.common.hashing import sha256_bytes, sha256_file
+from pipeline.config import Params
+from pipeline.data import rle
+from pipeline.data.layout import SETS_BY_NAME
+from pipeline.evaluation.predict import (
+    EvaluationError,
+    Prompt,
+    load_method,
+    predict_and_score,
+    resolve_device,
+    stability_from_rles,
+)
+from pipeline.modeling.transforms import input_size, preprocess
+
+log = logging.getLogger(__name__)
+
+PREDICTION_SCHEMA = pa.schema([
+    ("view_id", pa.string()),
+    ("prompt_type", pa.string()),
+    ("draw", pa.int32()),
+    ("iou", pa.float64()),
+    ("biou", pa.float64()),
+    ("alpha1", pa.float64()),
+    ("pred_rle", pa.string()),
+    ("score", pa.float64()),
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("st", pa.float64()),
+])
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One image to score: its embedding ``[C, g, g]``, sizes, GT ``bool [H, W]`` and prompts."""
+
+    view_id: str
+    embedding: torch.Tensor
+    input_hw: tuple[int, int]
+    gt: np.ndarray
+    prompts: list[Prompt]
+
+
+# ------------------------------------------------------------------------------------- entry point
+def evaluate_benchmark(
+    params: Params,
+    benchmark: str,
+    method: str,
+    *,
+    embeddings: Path,
+    prompts: Path,
+    base: Path,
+    plugins: Path | None,
+    out: Path,
+    predictions: Path,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Load the base SAM and ``method``'s weights, score ``benchmark``, write the JSON + parquet; return the metrics."""
+    from pipeline.modeling.backbones import load_base
+
+    device = resolve_device(params.evaluate.device)
+    sam, _info = load_base(Path(base))
+    sam = sam.to(device)
+    decoder = load_method(method, sam, params.plugin, plugins, device)
+    fingerprint = {"method": method, "base": _info.get("checkpoint_sha256", "")}
+    ckpt = Path(plugins) / f"{method}.pt" if plugins is not None else None
+    if ckpt is not None and ckpt.is_file() and int(getattr(decoder, "num_trainable", 0)) > 0:
+        fingerprint["plugin"] = sha256_file(ckpt)
+    return evaluate_with_decoder(
+        params, benchmark, method, sam, decoder,
+        embeddings=embeddings, prompts=prompts, out=out, predictions=predictions,
+        fingerprint=fingerprint, progress=progress,
+    )
+
+
+def evaluate_with_decoder(
+    params: Params,
+    benchmark: str,
+    method: str,
+    sam: nn.Module,
+    decoder: nn.Module,
+    *,
+    embeddings: Path | None,
+    prompts: Path | None,
+    out: Path,
+    predictions: Path,
+    fingerprint: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score an already-built ``decoder`` (e.g. with a forced α in tests) and write the outputs under ``method``."""
+    kind, entry = resolve_benchmark(params, benchmark)
+    device = next(decoder.parameters()).device
+    json_path = Path(out) / benchmark / f"{method}.json"
+    pred_path = Path(predictions) / benchmark / f"{method}.parquet"
+    if kind == "coco":
+        from pipeline.evaluation.coco import run_coco_benchmark
+
+        metrics, rows = run_coco_benchmark(params, entry, sam, decoder, device=device, progress=progress)  # type: ignore[arg-type]
+        table = pa.Table.from_pylist(rows)
+    else:
+        fp = {**(fingerprint or {}), "benchmark": benchmark, "evaluate": params.to_dict()["evaluate"],
+              "prompts": params.to_dict()["prompts"] if kind == "folder" else None}
+        if kind == "cache":
+            if embeddings is None or prompts is None:
+                raise ValueError(f"{benchmark}: an HQ benchmark needs --embeddings and --prompts")
+            from pipeline.data.embeddings import read_cache_meta
+
+            cache_meta = read_cache_meta(Path(embeddings))
+            check_cache(cache_meta, sam, params.evaluate.postprocess, Path(embeddings), (fingerprint or {}).get("base"))
+            fp["prompts_sha256"] = sha256_file(prompts) if Path(prompts).is_file() else None
+            fp["cache"] = cache_meta
+        partial = PartialResults(pred_path.parent / f".{method}.partial", fp)
+        done = partial.done_views()
+        if kind == "cache":
+            items = _cache_items(params, benchmark, Path(embeddings), Path(prompts), sam, done, device)  # type: ignore[arg-type]
+        else:
+            items = _folder_items(params, entry, sam, done, device)  # type: ignore[arg-type]
+        _score_items(params, items, decoder, partial, img_size=int(sam.image_encoder.img_size),
+                     progress=progress, desc=f"{benchmark} [{method}]")
+        table = partial.read_all()
+        if table.num_rows == 0:
+            raise EvaluationError(f"{benchmark}: nothing was evaluated (no images with prompts; see warnings above)")
+        metrics = summarize(table)
+    with atomic_path(pred_path) as tmp:
+        pq.write_table(table, tmp)
+    atomic_write_json(json_path, _finite(metrics))
+    if kind != "coco":
+        partial.remove()
+    log.info("%s / %s -> %s", benchmark, method, json_path)
+    return metrics
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf -> None, so the metrics file is strict JSON (``dvc metrics`` and other readers)."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def resolve_benchmark(params: Params, benchmark: str) -> tuple[str, dict[str, Any] | None]:
+    """``("cache", None)`` for an HQ set, ``("coco", entry)`` / ``("folder", entry)`` for params entries."""
+    for entry in params.evaluate.coco:
+        if entry["name"] == benchmark:
+            return "coco", entry
+    for entry in params.evaluate.folders:
+        if entry["name"] == benchmark:
+            return "folder", entry
+    if benchmark in SETS_BY_NAME:
+        return "cache", None
+    known = [*params.data.eval_sets, *(e["name"] for e in params.evaluate.coco), *(e["name"] for e in params.evaluate.folders)]
+    raise ValueError(f"unknown benchmark {benchmark!r}; known: {', '.join(known)} (add COCO/folder sets to evaluate.coco / evaluate.folders)")
+
+
+# -------------------------------------------------------------------------------------- summarising
+def summarize(table: pa.Table) -> dict[str, dict[str, float]]:
+    """Per prompt type: miou, mbiou (means over all scored prompts, percent), st (mean over images of
+    the per-image ST, percent), alpha1 (mean, only when the method has one), n (scored prompts)."""
+    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in ("view_id", "prompt_type", "iou", "biou", "alpha1", "st")}
+    out: dict[str, dict[str, float]] = {}
+    for ptype in sorted(set(cols["prompt_type"].tolist())):
+        sel = cols["prompt_type"] == ptype
+        views = cols["view_id"][sel]
+        _, first = np.unique(views, return_index=True)
+        res: dict[str, float] = {
+            "miou": float(np.mean(cols["iou"][sel]) * 100.0),
+            "mbiou": float(np.mean(cols["biou"][sel]) * 100.0),
+            "st": float(np.mean(cols["st"][sel][first])),
+            "n": int(sel.sum()),
+        }
+        alpha = cols["alpha1"][sel].astype(np.float64)
+        if np.isfinite(alpha).any():
+            res["alpha1"] = float(np.nanmean(alpha))
+        out[ptype] = res
+    return out
+
+
+def _score_items(params: Params, items: Iterator[EvalItem], decoder: nn.Module, partial: "PartialResults",
+                 *, img_size: int, progress: bool, desc: str) -> None:
+    ev = params.evaluate
+    buffer: list[dict[str, Any]] = []
+    n_images = 0
+    bar = tqdm(items, desc=desc, unit="img", disable=not progress)
+    for item in bar:
+        s = predict_and_score(
+            decoder, item.embedding, item.prompts, item.gt, input_hw=item.input_hw,
+            img_size=img_size,
+            mode=ev.postprocess, dilation_ratio=ev.boundary_dilation_ratio, batch_size=ev.batch_size,
+        )
+        by_type: dict[str, list[int]] = {}
+        for i, pr in enumerate(item.prompts):
+            by_type.setdefault(pr.prompt_type, []).append(i)
+        st = {t: stability_from_rles([s.rles[i] for i in idx]) for t, idx in by_type.items()}
+        h, w = item.gt.shape
+        for i, pr in enumerate(item.prompts):
+            buffer.append({
+                "view_id": item.view_id, "prompt_type": pr.prompt_type, "draw": pr.draw,
+                "iou": float(s.iou[i]), "biou": float(s.biou[i]),
+                "alpha1": float("nan") if s.alpha1 is None else float(s.alpha1[i]),
+                "pred_rle": s.rles[i]["counts"], "score": float(s.score[i]), "height": h, "width": w,
+                "st": st[pr.prompt_type],
+            })
+        n_images += 1
+        if n_images % ev.flush_every == 0:
+            partial.flush(buffer)
+            buffer = []
+    partial.flush(buffer)
+
+
+# ------------------------------------------------------------------------------------------- resume
+class PartialResults:
+    """Prediction rows flushed in parts to a folder keyed by a fingerprint of everything that matters."""
+
+    def __init__(self, folder: Path, fingerprint: dict[str, Any]) -> None:
+        self.folder = Path(folder)
+        self.key = sha256_bytes(json.dumps(fingerprint, sort_keys=True, default=str).encode())
+        stamp = self.folder / "fingerprint.txt"
+        if self.folder.is_dir() and (not stamp.is_file() or stamp.read_text().strip() != self.key):
+            log.info("%s: inputs changed since the interrupted run; starting afresh", self.folder)
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(self.key + "\n")
+        self._next = len(self._parts())
+
+    def _parts(self) -> list[Path]:
+        return sorted(self.folder.glob("part-*.parquet"))
+
+    def done_views(self) -> set[str]:
+        done: set[str] = set()
+        for part in self._parts():
+            done.update(pq.read_table(part, columns=["view_id"]).column("view_id").to_pylist())
+        if done:
+            log.info("%s: resuming, %d images already scored", self.folder, len(done))
+        return done
+
+    def flush(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        with atomic_path(self.folder / f"part-{self._next:05d}.parquet") as tmp:
+            pq.write_table(pa.Table.from_pylist(rows, schema=PREDICTION_SCHEMA), tmp)
+        self._next += 1
+
+    def read_all(self) -> pa.Table:
+        parts = [pq.read_table(p) for p in self._parts()]
+        return pa.concat_tables(parts) if parts else PREDICTION_SCHEMA.empty_table()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------- cache items
+def _load_prompts(path: Path, dataset: str) -> dict[str, list[Prompt]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: eval prompts not found; run `dvc repro prompts`")
+    table = pq.read_table(path, columns=["view_id", "prompt_type", "draw", "box", "points", "point_labels"])
+    table = table.filter(pc.starts_with(table.column("view_id"), f"{dataset}/"))
+    grouped: dict[str, list[Prompt]] = {}
+    for row in table.to_pylist():
+        grouped.setdefault(row["view_id"], []).append(Prompt.from_row(row, where=str(path)))
+    return grouped
+
+
+def check_cache(meta: dict[str, Any], sam: nn.Module, mode: str, root: Path, base_sha256: str | None = None) -> None:
+    """The cache must come from this base model (grid, input size, checkpoint) and the evaluation's preprocessing."""
+    enc_size = int(sam.image_encoder.img_size)
+    grid = int(sam.prompt_encoder.image_embedding_size[0])
+    if int(meta["img_size"]) != enc_size or int(meta["grid"]) != grid:
+        raise ValueError(f"{root}: embeddings are for img_size {meta['img_size']} / grid {meta['grid']}, the base "
+                         f"model has {enc_size} / {grid}; re-run `dvc repro embed`")
+    if base_sha256 and meta.get("checkpoint_sha256") != base_sha256:
+        raise ValueError(f"{root}: embeddings were made by checkpoint {str(meta.get('checkpoint_sha256'))[:12]}..., the "
+                         f"base is {base_sha256[:12]}...; the cache is stale: re-run `dvc repro embed`")
+    cache_mode = "squash" if "squash" in str(meta.get("preprocessing", "")) else "sam"
+    if cache_mode != mode:
+        raise ValueError(f"{root}: embeddings were made with {meta.get('preprocessing')!r} preprocessing but "
+                         f"evaluate.postprocess is {mode!r}; set evaluate.postprocess: {cache_mode} or re-embed")
+
+
+def _cache_items(params: Params, dataset: str, root: Path, prompts_path: Path, sam: nn.Module,
+                 done: set[str], device: torch.device) -> Iterator[EvalItem]:
+    """Eval views of ``dataset`` from the cache, in stored order, with their prompts (``done`` skipped)."""
+    from pipeline.data.embeddings import iter_views
+
+    mode = params.evaluate.postprocess
+    prompts = _load_prompts(prompts_path, dataset)
+    if not prompts:
+        raise ValueError(f"{prompts_path}: no prompts for {dataset!r}; re-run `dvc repro prompts`")
+    img_size = int(sam.image_encoder.img_size)
+    seen: set[str] = set()
+    try:
+        rows = iter_views(root, "eval", datasets=[dataset])
+        for row in rows:
+            view = row["view_id"]
+            seen.add(view)
+            if view in done:
+                continue
+            if view not in prompts:
+                raise ValueError(f"{root}: view {view!r} has no eval prompts in {prompts_path}; "
+                                 "the prompts are stale: re-run `dvc repro prompts`")
+            h, w = int(row["height"]), int(row["width"])
+            in_hw = (int(row["input_h"]), int(row["input_w"]))
+            if in_hw != tuple(input_size((h, w), img_size, mode)):
+                raise ValueError(f"{root}: view {view!r} has input size {in_hw}, evaluate.postprocess={mode!r} "
+                                 f"expects {input_size((h, w), img_size, mode)}; re-embed or change the param")
+            gt = rle.decode(row["mask_rle"], h, w)
+            yield EvalItem(view, row["embedding"].to(device), in_hw, gt, prompts[view])
+    except KeyError as exc:  # the cache has no eval shards of this dataset
+        raise ValueError(f"{root}: {exc.args[0]}; is {dataset!r} in data.eval_sets? run `dvc repro embed`") from None
+    missing = sorted(set(prompts) - seen)
+    if missing:
+        raise ValueError(f"{prompts_path}: {len(missing)} {dataset} views with prompts are not in the cache "
+                         f"(e.g. {missing[0]!r}); re-run `dvc repro embed prompts`")
+
+
+# ------------------------------------------------------------------------------------ folder items
+def folder_pairs(entry: dict[str, Any]) -> list[tuple[str, Path, Path]]:
+    """(stem, image, mask) pairs of an ``evaluate.folders`` entry; an unmatched image is logged and skipped."""
+    images, masks, suffix = Path(entry["images"]), Path(entry["masks"]), str(entry["mask_suffix"])
+    for folder, key in ((images, "images"), (masks, "masks")):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: folder not found (evaluate.folders[{entry['name']}].{key})")
+    pairs = []
+    for img in sorted(images.iterdir()):
+        if img.suffix.lower() not in _IMAGE_SUFFIXES or img.name.endswith(suffix) and images == masks:
+            continue
+        mask = masks / f"{img.stem}{suffix}"
+        if not mask.is_file():
+            log.warning("quarantined %s: no mask %s", img, mask.name)
+            continue
+        pairs.append((img.stem, img, mask))
+    if not pairs:
+        raise FileNotFoundError(f"{images}: no image with a matching '<stem>{suffix}' mask in {masks}")
+    return pairs
+
+
+def _folder_items(params: Params, entry: dict[str, Any], sam: nn.Module, done: set[str],
+                  device: torch.device) -> Iterator[EvalItem]:
+    """A user's image/mask folder: encoded on the fly, prompts from the prompts module's eval synthesis."""
+    from pipeline.data.images import DecodeError, load_image, load_mask
+    from pipeline.prompts.synthesis import eval_prompts
+
+    name = entry["name"]
+    pairs = folder_pairs(entry)
+    if params.data.max_images_per_set:
+        pairs = pairs[: params.data.max_images_per_set]
+    img_size = int(sam.image_encoder.img_size)
+    for stem, img_path, mask_path in pairs:
+        view = f"{name}/{stem}#0"
+        if view in done:
+            continue
+        try:
+            image = load_image(img_path)
+            gt = load_mask(mask_path, params.index.mask_threshold)
+        except (OSError, DecodeError, ValueError) as exc:
+            log.warning("quarantined %s: unreadable (%s)", img_path, exc)
+            continue
+        if image.shape[:2] != gt.shape:
+            log.warning("quarantined %s: image %s and mask %s differ in size", img_path, image.shape[:2], gt.shape)
+            continue
+        if gt.sum() < params.index.min_mask_pixels:
+            log.warning("quarantined %s: mask has fewer than %d pixels", mask_path, params.index.min_mask_pixels)
+            continue
+        prompts = [Prompt.from_row(r, where=str(mask_path)) for r in eval_prompts(view, gt, params.prompts)]
+        x, in_hw = preprocess(image if image.flags.writeable else image.copy(), img_size, params.evaluate.postprocess)
+        with torch.inference_mode():
+            emb = sam.image_encoder(x[None].to(device))[0].float()
+        yield EvalItem(view, emb, in_hw, gt, prompts)
+
+
+__all__ = [
+    "EvalItem",
+    "PREDICTION_SCHEMA",
+    "PartialResults",
+    "evaluate_benchmark",
+    "evaluate_with_decoder",
+    "folder_pairs",
+    "check_cache",
+    "resolve_benchmark",
+    "summarize",
+]

@@ -1,0 +1,101 @@
+"""Batched SAM mask decoding: B image embeddings with one prompt each (SPEC §2.5).
+
+SAM's ``MaskDecoder.predict_masks`` repeats ONE image embedding for every prompt. Training needs B
+different embeddings with one prompt each; evaluation needs one embedding with many prompts, which is
+the same call with the embedding expanded (``emb.expand(P, -1, -1, -1)``, no copy). :func:`decode`
+re-runs ``predict_masks`` step by step with the decoder's own submodules (no weight copies), so it equals
+SAM's per-image path; ``transformer`` swaps in the patched transformer of Stable-SAM.
+
+    python -m pytest tests/test_plugins.py -q -k batched
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from segment_anything.modeling.mask_decoder import MaskDecoder
+from torch import Tensor, nn
+
+
+class DecodeResult(NamedTuple):
+    low_res_logits: Tensor  # (B, M, 4g, 4g)
+    iou_pred: Tensor  # (B, M)
+    tokens: Tensor  # (B, 5 + N, C): the transformer's output tokens
+    alpha: Optional[Tensor]  # (B, 2) when the transformer routes (patched layer 2), else None
+
+
+def _check_shapes(image_embeddings: Tensor, image_pe: Tensor, sparse: Tensor, dense: Tensor) -> None:
+    if image_embeddings.dim() != 4:
+        raise ValueError(f"image_embeddings must be (B, C, g, g), got {tuple(image_embeddings.shape)}")
+    b, c, h, w = image_embeddings.shape
+    if image_pe.dim() != 4 or image_pe.shape[1:] != (c, h, w) or image_pe.shape[0] not in (1, b):
+        raise ValueError(f"image_pe must be (1 or {b}, {c}, {h}, {w}), got {tuple(image_pe.shape)}")
+    if sparse.dim() != 3 or sparse.shape[0] != b or sparse.shape[2] != c:
+        raise ValueError(f"sparse prompt embeddings must be ({b}, N, {c}), got {tuple(sparse.shape)}")
+    if dense.shape != image_embeddings.shape:
+        raise ValueError(f"dense prompt embeddings must be {tuple(image_embeddings.shape)}, got {tuple(dense.shape)}")
+
+
+def decode_with_alpha(
+    sam_decoder: MaskDecoder,
+    image_embeddings: Tensor,
+    image_pe: Tensor,
+    sparse: Tensor,
+    dense: Tensor,
+    multimask_output: bool,
+    transformer: Optional[nn.Module] = None,
+) -> DecodeResult:
+    """Like :func:`decode`, also returning α from a patched ``transformer`` (one returning 3 values).
+
+    ``transformer`` defaults to ``sam_decoder.transformer``; any module with the call signature
+    ``(src (B, C, g, g), pos (B, C, g, g), tokens (B, T, C)) -> (tokens, src (B, g*g, C)[, α (B, 2)])``.
+    """
+    _check_shapes(image_embeddings, image_pe, sparse, dense)
+    dec = sam_decoder
+    b, c, h, w = image_embeddings.shape
+    output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+    output_tokens = output_tokens.unsqueeze(0).expand(b, -1, -1)
+    tokens = torch.cat((output_tokens, sparse.to(output_tokens.dtype)), dim=1)
+
+    src = image_embeddings + dense  # one embedding per prompt: no repeat_interleave
+    pos_src = image_pe.expand(b, -1, -1, -1)
+    out = (transformer if transformer is not None else dec.transformer)(src, pos_src, tokens)
+    hs, src = out[0], out[1]
+    alpha = out[2] if len(out) > 2 else None
+    iou_token_out = hs[:, 0, :]
+    mask_tokens_out = hs[:, 1 : 1 + dec.num_mask_tokens, :]
+
+    upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+    hyper_in = torch.stack(
+        [dec.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in range(dec.num_mask_tokens)], dim=1
+    )
+    ub, uc, uh, uw = upscaled.shape
+    masks = (hyper_in @ upscaled.view(ub, uc, uh * uw)).view(ub, -1, uh, uw)
+    iou_pred = dec.iou_prediction_head(iou_token_out)
+
+    mask_slice = slice(1, None) if multimask_output else slice(0, 1)
+    return DecodeResult(masks[:, mask_slice], iou_pred[:, mask_slice], hs, alpha)
+
+
+def decode(
+    sam_decoder: MaskDecoder,
+    image_embeddings: Tensor,
+    image_pe: Tensor,
+    sparse: Tensor,
+    dense: Tensor,
+    multimask_output: bool,
+    transformer: Optional[nn.Module] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Decode B embeddings with one prompt each, reusing ``sam_decoder``'s submodules.
+
+    Args:
+      image_embeddings: ``(B, C, g, g)`` (expand one embedding to decode many prompts on one image).
+      image_pe: ``(1, C, g, g)``, ``prompt_encoder.get_dense_pe()``.
+      sparse: ``(B, N, C)`` sparse prompt embeddings; dense: ``(B, C, g, g)``.
+      multimask_output: the 3 multimask outputs (True) or the single-mask output (False), as in SAM.
+      transformer: an optional replacement for ``sam_decoder.transformer`` (see :func:`decode_with_alpha`).
+    Returns:
+      (low_res_logits ``(B, M, 4g, 4g)``, iou_pred ``(B, M)``, tokens ``(B, 5 + N, C)``), M = 3 or 1.
+    """
+    res = decode_with_alpha(sam_decoder, image_embeddings, image_pe, sparse, dense, multimask_output, transformer)
+    return res.low_res_logits, res.iou_pred, res.tokens

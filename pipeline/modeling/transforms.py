@@ -1,0 +1,79 @@
+"""SAM's pre- and post-processing for any model input side ``img_size`` (1024 for official SAM).
+
+Pre: ResizeLongestSide(img_size) -> normalise with SAM's pixel mean/std -> zero-pad bottom/right.
+Post: low-res logits [.., 4g, 4g] -> img_size² -> crop the padding -> original size (SAM's
+``postprocess_masks``), or HQ-SAM's "squash" protocol (the image is resized to img_size² without
+keeping its aspect ratio, so logits are simply resized back).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.utils.transforms import ResizeLongestSide
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+Postprocess = Literal["sam", "squash"]
+
+
+def input_size(orig_hw: tuple[int, int], img_size: int, mode: Postprocess = "sam") -> tuple[int, int]:
+    """(input_h, input_w): the image's size after resizing, before padding."""
+    if mode == "squash":
+        return (img_size, img_size)
+    return ResizeLongestSide.get_preprocess_shape(orig_hw[0], orig_hw[1], img_size)
+
+
+def preprocess(image: np.ndarray, img_size: int, mode: Postprocess = "sam") -> tuple[torch.Tensor, tuple[int, int]]:
+    """uint8 ``HxWx3`` RGB -> (float32 ``[3, img_size, img_size]``, (input_h, input_w))."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 HxWx3 RGB image, got {image.dtype} {image.shape}")
+    in_h, in_w = input_size(image.shape[:2], img_size, mode)
+    x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float()[None]
+    x = F.interpolate(x, (in_h, in_w), mode="bilinear", align_corners=False, antialias=True)[0]
+    x = x.clamp(0, 255).round()  # the same rounding as resizing a uint8 image
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    x = (x - mean) / std
+    x = F.pad(x, (0, img_size - in_w, 0, img_size - in_h))
+    return x, (in_h, in_w)
+
+
+def to_input_coords(coords: np.ndarray, orig_hw: tuple[int, int], img_size: int, mode: Postprocess = "sam") -> np.ndarray:
+    """Map ``(..., 2)`` x/y pixel coordinates (or ``(..., 4)`` XYXY boxes) into the model-input frame."""
+    in_h, in_w = input_size(orig_hw, img_size, mode)
+    sx, sy = in_w / orig_hw[1], in_h / orig_hw[0]
+    out = np.asarray(coords, dtype=np.float32).copy()
+    out[..., 0::2] *= sx
+    out[..., 1::2] *= sy
+    return out
+
+
+def postprocess_logits(
+    low_res: torch.Tensor,
+    input_hw: tuple[int, int],
+    orig_hw: tuple[int, int],
+    img_size: int,
+    mode: Postprocess = "sam",
+) -> torch.Tensor:
+    """``[B, M, 4g, 4g]`` logits -> ``[B, M, H, W]`` logits at the original image size."""
+    x = F.interpolate(low_res.float(), (img_size, img_size), mode="bilinear", align_corners=False)
+    x = x[..., : input_hw[0], : input_hw[1]]
+    return F.interpolate(x, tuple(orig_hw), mode="bilinear", align_corners=False)
+
+
+def mask_to_input_frame(mask: np.ndarray, img_size: int, out_side: int, mode: Postprocess = "sam") -> torch.Tensor:
+    """bool ``HxW`` GT -> float32 ``[out_side, out_side]`` soft target in the padded model-input frame.
+
+    Used for training targets (``out_side = 4g``, the low-res logit grid) and for SAM's dense mask input.
+    """
+    in_h, in_w = input_size(mask.shape, img_size, mode)
+    m = torch.from_numpy(mask.astype(np.float32))[None, None]
+    m = F.interpolate(m, (in_h, in_w), mode="bilinear", align_corners=False)
+    m = F.pad(m, (0, img_size - in_w, 0, img_size - in_h))
+    if out_side != img_size:
+        m = F.interpolate(m, (out_side, out_side), mode="bilinear", align_corners=False)
+    return m[0, 0]

@@ -1,0 +1,93 @@
+"""Resumable training checkpoints and the published plugin file.
+
+``<out>/<method>.ckpt`` (resume): plugin weights, optimiser state, step, RNG states (torch, CUDA, numpy,
+python), every rank's reader position, the loss history and the config. ``<out>/<method>.pt``
+(published): ``{"method", "state_dict" (ONLY the trainable tensors), "config", "base_sha256", ...}``.
+Both are written atomically and read with ``torch.load(..., weights_only=True)``: RNG states are stored
+as tensors and plain Python lists, never pickled objects.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from pipeline.common.atomic import atomic_path
+
+CKPT_VERSION = 1
+
+
+def capture_rng() -> dict[str, Any]:
+    """The global RNG states, in a ``weights_only``-loadable form."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng`."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
+    """Atomically ``torch.save`` a resume checkpoint (tensors moved to the CPU)."""
+    with atomic_path(path) as tmp:
+        torch.save({"version": CKPT_VERSION, **_cpu(dict(payload))}, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a resume checkpoint (``weights_only=True``); a foreign or broken file fails naming the fix."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RuntimeError(f"{path}: unreadable training checkpoint ({exc}); delete it to start over") from None
+    if not isinstance(ckpt, dict) or ckpt.get("version") != CKPT_VERSION:
+        raise RuntimeError(f"{path}: not a version-{CKPT_VERSION} training checkpoint; delete it to start over")
+    return ckpt
+
+
+def save_plugin(path: Path, *, method: str, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+                base_sha256: str, extra: Mapping[str, Any] | None = None) -> None:
+    """Publish the trained plugin: only the trainable tensors, never SAM's weights."""
+    payload = {"method": method, "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+               "config": dict(config), "base_sha256": base_sha256, **dict(extra or {})}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_plugin(path: Path) -> dict[str, Any]:
+    """Read a published plugin file (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no plugin file (run `dvc repro train`)")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or "state_dict" not in obj or "method" not in obj:
+        raise ValueError(f"{path}: not a plugin file (expected keys method, state_dict, config, base_sha256)")
+    return obj

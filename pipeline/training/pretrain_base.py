@@ -1,0 +1,281 @@
+"""Pre-training of the embedded-default base model (the small SAM that stands in for Meta's checkpoints).
+
+The default profile cannot download SAM, and a random frozen decoder would make every later number
+meaningless, so this module trains the whole small SAM (``build_tiny``: conv encoder + SAM's unchanged
+prompt encoder and mask decoder) the way SAM was trained before Stable-SAM came along: CLEAN prompts only
+(tight GT boxes and 1-10 positive points), on scenes from the embedded generator's training distribution.
+Following SAM (Kirillov et al. 2023, §3 and appendix A): a single point is ambiguous, so it supervises the
+three multi-mask outputs with the minimum loss only; boxes and several points supervise the single-mask
+output token; an MSE loss trains the IoU head. Loss: focal-free BCE + Dice on the 4g x 4g logits.
+A GT-box-only warm-up comes first (an easier curriculum: the box pins the location down).
+
+The result, ``assets/tiny_sam.pt``, is committed (about 21 MB) with its sha256 in the registry;
+regenerate it with one command (deterministic by seed on the CPU, about an hour on two cores):
+
+    python -m stages.pretrain_base --params params.yaml --out assets/tiny_sam.pt
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import Sam
+from tqdm import tqdm
+
+from pipeline.common.atomic import atomic_path, atomic_write_json
+from pipeline.config import BasePretrainConfig, GenerateConfig
+from pipeline.data.synthetic import generate_sample
+from pipeline.modeling.backbones import build_tiny
+from pipeline.modeling.transforms import mask_to_input_frame, preprocess
+
+# train sets of the embedded default: 2 "thin" (DIS5K-TR, ThinObject5K-TR) of 7
+THIN_FRACTION = 2 / 7
+POOL_SEED_TAG = 7777  # keeps the pre-training pool disjoint from the generated dataset's seeds
+HOLDOUT_SEED_TAG = 8888
+
+
+@dataclass
+class Pool:
+    """Pre-rendered scenes: images ``uint8 [N, 3, S, S]`` (padded input frame, not normalised),
+    targets ``float32 [N, 4g, 4g]`` (soft GT in the padded input frame), full-res targets for points."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    hi_targets: torch.Tensor  # bool [N, S, S]: GT in the padded input frame, for sampling points
+
+
+def build_pool(n: int, seed_tag: int, cfg: BasePretrainConfig, gen: GenerateConfig, style: str | None = None) -> Pool:
+    """Render ``n`` generator scenes into the model-input frame."""
+    s, lo = cfg.img_size, 4 * cfg.grid
+    images = torch.zeros(n, 3, s, s, dtype=torch.uint8)
+    targets = torch.zeros(n, lo, lo)
+    hi = torch.zeros(n, s, s, dtype=torch.bool)
+    mean = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+    for i in tqdm(range(n), desc=f"render pool ({n})", unit="img"):
+        rng = np.random.default_rng([cfg.seed, seed_tag, i])
+        st = style or ("thin" if rng.random() < THIN_FRACTION else "salient")
+        sample = generate_sample(rng, st, gen.min_side, gen.max_side, gen.max_distractors)
+        x, (h, w) = preprocess(sample.image, s)
+        raw = (x * std + mean).round().clamp(0, 255)
+        raw[:, h:, :] = 0
+        raw[:, :, w:] = 0
+        images[i] = raw.to(torch.uint8)
+        targets[i] = mask_to_input_frame(sample.target, s, lo)
+        hi[i] = mask_to_input_frame(sample.target, s, s) > 0.5
+    return Pool(images, targets, hi)
+
+
+def normalise(images: torch.Tensor, in_frame: bool = True) -> torch.Tensor:
+    """uint8 ``[B, 3, S, S]`` -> SAM-normalised float (padding stays 0 after normalisation, as in SAM)."""
+    mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+    x = (images.float() - mean) / std
+    pad = images.sum(1, keepdim=True) == 0
+    return x.masked_fill(pad, 0.0)
+
+
+def batched_decode(sam: Sam, emb: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """B embeddings, one prompt each -> (all 4 masks ``[B, 4, 4g, 4g]``, IoU predictions ``[B, 4]``)."""
+    dec = sam.mask_decoder
+    b = emb.shape[0]
+    out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], 0).unsqueeze(0).expand(b, -1, -1)
+    tokens = torch.cat([out_tokens, sparse], 1)
+    pe = sam.prompt_encoder.get_dense_pe().expand(b, -1, -1, -1)
+    hs, src = dec.transformer(emb + dense, pe, tokens)
+    c, g = emb.shape[1], emb.shape[-1]
+    up = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, g, g))
+    hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], 1)
+    masks = (hyper @ up.flatten(2)).view(b, -1, up.shape[-2], up.shape[-1])
+    return masks, dec.iou_prediction_head(hs[:, 0])
+
+
+def boxes_from(hi: torch.Tensor) -> torch.Tensor:
+    """Tight XYXY boxes ``[B, 4]`` of bool masks ``[B, S, S]``."""
+    out = torch.zeros(hi.shape[0], 4)
+    for b in range(hi.shape[0]):
+        ys, xs = torch.nonzero(hi[b], as_tuple=True)
+        if len(xs):
+            out[b] = torch.tensor([xs.min(), ys.min(), xs.max(), ys.max()], dtype=torch.float32)
+    return out
+
+
+def points_from(hi: torch.Tensor, counts: list[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``counts[b]`` positive points uniformly inside each mask, padded with label -1: ``[B, K, 2]``, ``[B, K]``."""
+    k_max = max(counts)
+    pts = torch.zeros(hi.shape[0], k_max, 2)
+    labels = -torch.ones(hi.shape[0], k_max, dtype=torch.int64)
+    for b, k in enumerate(counts):
+        ys, xs = torch.nonzero(hi[b], as_tuple=True)
+        if not len(xs):
+            continue
+        idx = torch.randint(len(xs), (k,), generator=gen)
+        pts[b, :k, 0] = xs[idx].float() + 0.5
+        pts[b, :k, 1] = ys[idx].float() + 0.5
+        labels[b, :k] = 1
+    return pts, labels
+
+
+def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample BCE + Dice: logits/target ``[B, H, W]`` -> ``[B]``."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((1, 2))
+    p = logits.sigmoid()
+    dice = 1 - (2 * (p * target).sum((1, 2)) + 1) / (p.sum((1, 2)) + target.sum((1, 2)) + 1)
+    return bce + dice
+
+
+def hard_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """IoU of ``logits > 0`` vs ``target > 0.5``: ``[B, H, W]`` -> ``[B]`` (empty union -> 1)."""
+    p, t = logits > 0, target > 0.5
+    inter = (p & t).sum((1, 2)).float()
+    union = (p | t).sum((1, 2)).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def noisy_boxes(box: torch.Tensor, scale: float, gen: torch.Generator, limit: float) -> torch.Tensor:
+    """HQ-SAM/DN-DETR box noise (no IoU floor; only for monitoring the base's weakness)."""
+    cx, cy = (box[:, 0] + box[:, 2]) / 2, (box[:, 1] + box[:, 3]) / 2
+    w, h = box[:, 2] - box[:, 0], box[:, 3] - box[:, 1]
+    noise = (torch.rand(box.shape[0], 4, generator=gen) * 2 - 1) * torch.stack([w / 2, h / 2, w, h], 1) * scale
+    cx, cy, w, h = cx + noise[:, 0], cy + noise[:, 1], (w + noise[:, 2]).clamp(min=2), (h + noise[:, 3]).clamp(min=2)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1).clamp(0, limit)
+
+
+@torch.inference_mode()
+def quick_eval(sam: Sam, pool: Pool, batch: int = 16) -> dict[str, float]:
+    """mIoU (low-res, input frame) of the single-mask output for GT box, noisy box and one point."""
+    sam.eval()
+    gen = torch.Generator().manual_seed(123)
+    scores: dict[str, list[float]] = {"gt_box": [], "noisy_box": [], "point_1": [], "point_3": []}
+    for start in range(0, pool.images.shape[0], batch):
+        sl = slice(start, start + batch)
+        emb = sam.image_encoder(normalise(pool.images[sl]))
+        box = boxes_from(pool.hi_targets[sl])
+        prompts = {
+            "gt_box": (None, box),
+            "noisy_box": (None, noisy_boxes(box, 0.4, gen, float(pool.images.shape[-1]))),
+            "point_1": (points_from(pool.hi_targets[sl], [1] * box.shape[0], gen), None),
+            "point_3": (points_from(pool.hi_targets[sl], [3] * box.shape[0], gen), None),
+        }
+        for name, (pts, bx) in prompts.items():
+            sparse, dense = sam.prompt_encoder(points=pts, boxes=bx, masks=None)
+            masks, _ = batched_decode(sam, emb, sparse, dense)
+            scores[name] += hard_iou(masks[:, 0], pool.targets[sl]).tolist()
+    sam.train()
+    return {k: 100 * float(np.mean(v)) for k, v in scores.items()}
+
+
+def pretrain(cfg: BasePretrainConfig, gen_cfg: GenerateConfig, out: Path, *, resume: bool = True,
+             holdout: int = 96, log_every: int = 50, eval_every: int = 250) -> dict:
+    """Train the tiny SAM on clean prompts; writes ``out`` (state dict) and ``out.json`` (quality)."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    out = Path(out)
+    state_path = out.with_suffix(".train-state.pt")
+    pool = build_pool(cfg.images, POOL_SEED_TAG, cfg, gen_cfg)
+    held = build_pool(holdout, HOLDOUT_SEED_TAG, cfg, gen_cfg)
+    sam = build_tiny(cfg.img_size, cfg.grid)
+    sam.train()
+    params = [p for p in sam.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    warmup = min(200, cfg.steps // 10)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return cfg.lr * (step + 1) / warmup
+        t = (step - warmup) / max(1, cfg.steps - warmup)
+        return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    step, history = 0, []
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if resume and state_path.is_file():
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        sam.load_state_dict(st["model"])
+        opt.load_state_dict(st["optim"])
+        gen.set_state(st["gen"])
+        torch.set_rng_state(st["torch_rng"])
+        step, history = int(st["step"]), json.loads(st["history"])
+        print(f"resumed pre-training at step {step}")
+    box_only_steps = int(0.25 * cfg.steps)
+    t0 = time.time()
+    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain tiny SAM", unit="step")
+    while step < cfg.steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        idx = torch.randint(pool.images.shape[0], (cfg.batch_size,), generator=gen)
+        images, targets, hi = pool.images[idx], pool.targets[idx], pool.hi_targets[idx]
+        if torch.rand(1, generator=gen).item() < 0.5:  # horizontal flip of the whole batch
+            images, targets, hi = images.flip(-1), targets.flip(-1), hi.flip(-1)
+            # re-pad: flipping moves the right padding to the left; keep SAM's bottom/right padding
+            images, targets, hi = _repad(images, targets, hi)
+        emb = sam.image_encoder(normalise(images))
+        use_box = step < box_only_steps or torch.rand(1, generator=gen).item() < 0.5
+        if use_box:
+            sparse, dense = sam.prompt_encoder(points=None, boxes=boxes_from(hi), masks=None)
+            single = torch.ones(cfg.batch_size, dtype=torch.bool)
+        else:
+            counts = torch.randint(1, 11, (cfg.batch_size,), generator=gen).tolist()
+            pts = points_from(hi, counts, gen)
+            sparse, dense = sam.prompt_encoder(points=pts, boxes=None, masks=None)
+            single = torch.tensor([c > 1 for c in counts])
+        masks, iou_pred = batched_decode(sam, emb, sparse, dense)
+        losses = torch.stack([seg_loss(masks[:, k], targets) for k in range(4)], 1)  # [B, 4]
+        multi_best = losses[:, 1:].argmin(1) + 1
+        chosen = torch.where(single, torch.zeros_like(multi_best), multi_best)
+        seg = losses.gather(1, chosen[:, None])[:, 0].mean()
+        with torch.no_grad():
+            true_iou = torch.stack([hard_iou(masks[:, k], targets) for k in range(4)], 1)
+        iou_loss = F.mse_loss(iou_pred, true_iou)
+        loss = seg + iou_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        bar.update()
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", box="y" if use_box else "n")
+            history.append({"step": step, "loss": float(loss.item()), "seconds": time.time() - t0})
+        if step % eval_every == 0 or step == cfg.steps:
+            quality = quick_eval(sam, held)
+            history.append({"step": step, **quality})
+            tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.1f}" for k, v in quality.items()))
+            _save(sam, opt, gen, step, history, out, state_path)
+    bar.close()
+    quality = quick_eval(sam, held)
+    report = {"steps": step, "holdout_images": holdout, "holdout_miou_lowres": quality, "history": history,
+              "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}
+    atomic_write_json(out.with_suffix(".json"), report)
+    return report
+
+
+def _repad(images: torch.Tensor, targets: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """After a horizontal flip, shift each image left so its padding is on the right again."""
+    s, lo = images.shape[-1], targets.shape[-1]
+    for b in range(images.shape[0]):
+        cols = (images[b].sum((0, 1)) > 0).nonzero()
+        if len(cols) == 0:
+            continue
+        shift = int(cols.min())
+        if shift:
+            images[b] = torch.roll(images[b], -shift, dims=-1)
+            hi[b] = torch.roll(hi[b], -shift, dims=-1)
+            targets[b] = torch.roll(targets[b], -round(shift * lo / s), dims=-1)
+    return images, targets, hi
+
+
+def _save(sam: Sam, opt: torch.optim.Optimizer, gen: torch.Generator, step: int, history: list, out: Path,
+          state_path: Path) -> None:
+    with atomic_path(out) as tmp:
+        torch.save(sam.state_dict(), tmp)
+    with atomic_path(state_path) as tmp:
+        torch.save({"model": sam.state_dict(), "optim": opt.state_dict(), "gen": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(), "step": step, "history": json.dumps(history)}, tmp)

@@ -1,0 +1,486 @@
+"""Stage ``train``: train one method's plugin on cached frozen-SAM embeddings (SPEC §3).
+
+Adam over ``method.trainable_parameters()`` only (SAM stays frozen and is checksummed before/after);
+total batch ``train.batch_size`` split over DDP ranks; ``train.max_steps`` or ``train.epochs`` worth of
+steps; single-mask output unless ``train.multimask_output`` (then the best of the 3 masks, as SAM);
+loss = point-sampled BCE + Dice (pipeline.training.loss). Each sample's prompt comes from
+``data/prompts/train.parquet`` (draw ``epoch mod n``), its loss points from a generator seeded by
+(seed, epoch, view_id), and batches from the embedding reader's ``(seed, epoch)`` order, so the run
+is a pure function of the params: a resumed run ends with the same weights as an uninterrupted one
+(CPU), and with ``train.ddp_partition: rows`` N ranks see the same global batches as one process.
+
+Single process by default; DDP when launched by torchrun (see pipeline.training.ddp). Checkpoints every
+``train.checkpoint_every`` steps to ``<out>/<method>.ckpt``; ``--resume`` continues from it.
+
+    python -m stages.train --params params.yaml --method stable_sam --embeddings data/embeddings \\
+        --prompts data/prompts/train.parquet --base models/base --out models/plugins \\
+        --metrics metrics/train --plots plots/train [--resume]
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset
+
+from pipeline.common.atomic import atomic_path, atomic_write_json, atomic_write_text
+from pipeline.config import Params
+from pipeline.data import rle
+from pipeline.data.embeddings import EmbeddingDataset, iter_views, read_cache_meta
+from pipeline.modeling.backbones import load_base
+from pipeline.modeling.methods import PromptableDecoder, build_method
+from pipeline.modeling.transforms import mask_to_input_frame
+from pipeline.prompts.boxes import mask_to_box, noisy_box
+from pipeline.prompts.model_input import GROUP_ORDER, EncodedPrompt, collate_group, encode_prompt
+from pipeline.prompts.points import foreground_index, sample_positive_points
+from pipeline.prompts.seeding import int_seed, rng_for
+from pipeline.prompts.stage import model_frame
+from pipeline.prompts.synthesis import ModelFrame
+from pipeline.prompts.tables import TrainPrompt, load_train_prompts, read_meta
+from pipeline.training import ddp
+from pipeline.training.checkpointing import capture_rng, load_checkpoint, restore_rng, save_checkpoint, save_plugin
+from pipeline.training.loss import mask_loss
+
+log = logging.getLogger(__name__)
+
+SANITY_SAMPLES = 8  # training views scored before/after (cheap sanity check, logged + in the metrics)
+SANITY_TYPES = ("gt_box", "noisy_box", "point_1")
+# Keys that may change between a checkpoint and its resumption without changing the result.
+RESUME_FREE_KEYS = {"checkpoint_every", "max_steps", "epochs", "device", "num_workers", "methods"}
+
+
+# ----------------------------------------------------------------------------------------- samples
+@dataclass
+class Sample:
+    """One training row, ready for the model: embedding, soft target, encoded prompt."""
+
+    view_id: str
+    epoch: int
+    embedding: torch.Tensor  # float32 [C, g, g]
+    target: torch.Tensor  # float32 [S, S] soft GT in the padded model-input frame
+    prompt: EncodedPrompt | None  # None: no stored prompt for this view (skipped, counted)
+
+
+class TrainSamples(IterableDataset):
+    """Wraps one epoch of :class:`EmbeddingDataset`: decodes the GT, builds the target and the prompt.
+
+    Runs inside DataLoader workers when ``train.num_workers > 0`` (the embedding reader splits the
+    stream across workers itself).
+    """
+
+    def __init__(self, rows: EmbeddingDataset, prompts: dict[str, list[TrainPrompt]], frame: ModelFrame,
+                 epoch: int) -> None:
+        super().__init__()
+        self.rows, self.prompts, self.frame, self.epoch = rows, prompts, frame, epoch
+
+    def __iter__(self) -> Iterator[Sample]:
+        for row in self.rows:
+            yield make_sample(row, self.prompts, self.frame, self.epoch)
+
+
+def make_sample(row: dict[str, Any], prompts: dict[str, list[TrainPrompt]], frame: ModelFrame, epoch: int) -> Sample:
+    """An embedding-cache row -> :class:`Sample` (prompt draw ``epoch mod n``)."""
+    vid = row["view_id"]
+    hw = (int(row["height"]), int(row["width"]))
+    mask = rle.decode(row["mask_rle"], *hw)
+    target = mask_to_input_frame(mask, frame.img_size, frame.img_size, frame.mode)
+    draws = prompts.get(vid)
+    prompt = encode_prompt(draws[epoch % len(draws)], hw, frame) if draws else None
+    return Sample(vid, epoch, row["embedding"], target, prompt)
+
+
+def _collate(batch: list[Sample]) -> list[Sample]:
+    return batch
+
+
+class BatchStream:
+    """Endless local batches over chained epochs, with an exact, resumable position (epoch, batch).
+
+    Every epoch yields ``min_rank_rows // local_batch`` full batches on every rank (the reader's
+    recommendation), so ranks stay in step and the last partial batch is dropped.
+    """
+
+    def __init__(self, params: Params, embeddings: Path, prompts: dict[str, list[TrainPrompt]], frame: ModelFrame,
+                 ctx: ddp.DistContext, local_batch: int, epoch: int = 0, batch: int = 0) -> None:
+        self.params, self.embeddings, self.prompts, self.frame = params, embeddings, prompts, frame
+        self.ctx, self.local_batch = ctx, local_batch
+        self.epoch, self.batch = epoch, batch
+
+    def _dataset(self, epoch: int) -> EmbeddingDataset:
+        cfg = self.params.train
+        return EmbeddingDataset(self.embeddings, "train", shuffle_buffer=cfg.shuffle_buffer, seed=self.params.seed,
+                                rank=self.ctx.rank, world_size=self.ctx.world_size, epoch=epoch,
+                                partition=cfg.ddp_partition, batch_size=self.local_batch)
+
+    def batches_per_epoch(self, epoch: int = 0) -> int:
+        return self._dataset(epoch).min_rank_rows() // self.local_batch
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def __iter__(self) -> Iterator[list[Sample]]:
+        while True:
+            rows = self._dataset(self.epoch)
+            n = rows.min_rank_rows() // self.local_batch
+            if n == 0:
+                raise ValueError(f"{self.embeddings}: {rows.min_rank_rows()} training views per rank, fewer than one "
+                                 f"local batch of {self.local_batch}; lower train.batch_size")
+            workers = self.params.train.num_workers
+            loader = DataLoader(TrainSamples(rows, self.prompts, self.frame, self.epoch), batch_size=self.local_batch,
+                                drop_last=True, collate_fn=_collate, num_workers=workers,
+                                persistent_workers=False)
+            it = iter(loader)
+            for _ in range(self.batch):  # resumed mid-epoch: replay (and drop) the batches already trained on
+                next(it)
+            while self.batch < n:
+                batch = next(it)
+                self.batch += 1
+                yield batch
+            del it, loader
+            self.epoch, self.batch = self.epoch + 1, 0
+
+
+# ------------------------------------------------------------------------------------------- steps
+def _generators(seed: int, samples: Sequence[Sample]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(int_seed(seed, "loss", s.epoch, s.view_id)) for s in samples]
+
+
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+
+
+def batch_loss(model: PromptableDecoder, samples: Sequence[Sample], params: Params, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Sum of per-sample losses over the valid samples of a batch (decoded per prompt group), and their count."""
+    cfg = params.train
+    pad = max(params.prompts.train_point_counts)
+    total = torch.zeros((), device=device)
+    count = 0
+    for group in GROUP_ORDER:
+        members = [s for s in samples if s.prompt is not None and s.prompt.group == group]
+        if not members:
+            continue
+        prompts = collate_group([s.prompt for s in members], pad_points_to=pad,
+                                mask_logits=tuple(params.prompts.coarse_mask_logits)).to(device)
+        emb = torch.stack([s.embedding for s in members]).to(device, non_blocking=True)
+        targets = torch.stack([s.target for s in members])[:, None].to(device, non_blocking=True)
+        with _autocast(device, cfg.bf16):
+            out = model(emb, prompts, multimask_output=cfg.multimask_output)
+        logits = out.low_res_logits.float()
+        per_mask = []
+        for m in range(logits.shape[1]):  # 1 (single-mask) or 3 (multimask: keep the best, as SAM)
+            terms = mask_loss(logits[:, m : m + 1], targets, num_points=cfg.loss_points, oversample=cfg.oversample_ratio,
+                              importance=cfg.importance_sample_ratio, generators=_generators(params.seed, members))
+            per_mask.append(terms.total)
+        per_sample = torch.stack(per_mask, dim=1).min(dim=1).values
+        total = total + per_sample.sum()
+        count += len(members)
+    return total, count
+
+
+# ------------------------------------------------------------------------------------------ checks
+def frozen_checksum(module: torch.nn.Module, exclude: Iterable[torch.Tensor] = ()) -> str:
+    """sha256 over every tensor of ``module``'s state dict except ``exclude`` (trainable ones)."""
+    skip = {id(t) for t in exclude}
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict(keep_vars=True).items()):
+        if id(t) in skip:
+            continue
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+@dataclass
+class SanityItem:
+    view_id: str
+    embedding: torch.Tensor
+    mask: np.ndarray
+    target: torch.Tensor
+    input_hw: tuple[int, int]
+
+
+def sanity_items(embeddings: Path, frame: ModelFrame, n: int = SANITY_SAMPLES) -> list[SanityItem]:
+    """The first ``n`` training views in stored order (GT decoded)."""
+    items = []
+    for row in iter_views(embeddings, "train"):
+        mask = rle.decode(row["mask_rle"], int(row["height"]), int(row["width"]))
+        if not mask.any():
+            continue
+        items.append(SanityItem(row["view_id"], row["embedding"], mask,
+                                mask_to_input_frame(mask, frame.img_size, frame.img_size, frame.mode),
+                                (int(row["input_h"]), int(row["input_w"]))))
+        if len(items) >= n:
+            break
+    return items
+
+
+@torch.no_grad()
+def sanity_iou(model: PromptableDecoder, items: Sequence[SanityItem], params: Params, frame: ModelFrame,
+               device: torch.device) -> dict[str, float]:
+    """Mean IoU (at the model-input resolution, padding cropped) for GT box / noisy box / one point."""
+    if not items:
+        return {}
+    was_training = model.training
+    model.eval()
+    out: dict[str, float] = {}
+    for kind in SANITY_TYPES:
+        encoded = []
+        for it in items:
+            rng = rng_for(params.seed, "sanity", it.view_id, kind)
+            gt = mask_to_box(it.mask)
+            if kind == "gt_box":
+                p = TrainPrompt("gt_box", gt, None, None)
+            elif kind == "noisy_box":
+                nb = noisy_box(gt, it.mask.shape, params.prompts.box_noise_scale, params.prompts.noisy_box_min_iou, rng)
+                p = TrainPrompt("noisy_box", nb.box, None, None)
+            else:
+                pts = sample_positive_points(foreground_index(it.mask), it.mask.shape[1], 1, rng)
+                p = TrainPrompt("points", None, pts, None)
+            encoded.append(encode_prompt(p, it.mask.shape, frame))
+        batch = collate_group(encoded, pad_points_to=1, mask_logits=(0.0, 1.0)).to(device)
+        emb = torch.stack([it.embedding for it in items]).to(device)
+        with _autocast(device, params.train.bf16):
+            logits = model(emb, batch, multimask_output=False).low_res_logits.float()
+        up = F.interpolate(logits, (frame.img_size, frame.img_size), mode="bilinear", align_corners=False)
+        ious = []
+        for i, it in enumerate(items):
+            h, w = it.input_hw
+            pred = up[i, 0, :h, :w].cpu() > 0
+            gt = it.target[:h, :w] > 0.5
+            union = (pred | gt).sum().item()
+            ious.append((pred & gt).sum().item() / union if union else 1.0)
+        out[kind] = float(np.mean(ious))
+    model.train(was_training)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ outputs
+def _write_loss_outputs(history: list[list[float]], csv_path: Path, png_path: Path, method: str) -> None:
+    lines = ["step,loss,lr"] + [f"{int(s)},{loss:.6f},{lr:.6g}" for s, loss, lr in history]
+    atomic_write_text(csv_path, "\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if history:
+        steps = np.array([h[0] for h in history])
+        losses = np.array([h[1] for h in history])
+        ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
+        k = max(1, len(losses) // 20)
+        if k > 1:
+            smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+            ax.plot(steps[k - 1 :], smooth, lw=1.5, label=f"mean of {k}")
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, f"{method}: nothing to train", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("step")
+    ax.set_ylabel("BCE + Dice")
+    ax.set_title(f"{method} training loss")
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    diffs = []
+    for section in ("prompts", "plugin", "train", "sam"):
+        a, b = saved.get(section, {}), current.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if section == "train" and key in RESUME_FREE_KEYS:
+                continue
+            if a.get(key) != b.get(key):
+                diffs.append(f"{section}.{key}: checkpoint {a.get(key)!r} vs now {b.get(key)!r}")
+    if saved.get("seed") != current.get("seed"):
+        diffs.append(f"seed: checkpoint {saved.get('seed')!r} vs now {current.get('seed')!r}")
+    return diffs
+
+
+def _total_steps(params: Params, per_epoch: int) -> int:
+    if params.train.max_steps > 0:
+        return params.train.max_steps
+    return max(1, math.ceil(params.train.epochs * per_epoch))
+
+
+# --------------------------------------------------------------------------------------------- train
+def train(
+    params: Params,
+    method: str,
+    *,
+    embeddings: Path,
+    prompts: Path,
+    base: Path,
+    out: Path,
+    metrics: Path,
+    plots: Path,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train ``method``; write ``<out>/<method>.pt``, ``<metrics>/<method>.json``, ``<plots>/<method>_loss.{csv,png}``.
+
+    ``resume`` continues from ``<out>/<method>.ckpt`` when it exists. ``stop_after`` (tests) simulates
+    an interruption: the run checkpoints at that step and returns ``{"stopped_at": step}`` without
+    writing the final outputs. Returns the metrics dict.
+    """
+    embeddings, prompts, base, out, metrics, plots = map(Path, (embeddings, prompts, base, out, metrics, plots))
+    cfg = params.train
+    ctx = ddp.init_distributed(cfg.device)
+    try:
+        return _train(params, method, ctx, embeddings=embeddings, prompts=prompts, base=base, out=out,
+                      metrics=metrics, plots=plots, resume=resume, stop_after=stop_after)
+    finally:
+        ddp.shutdown(ctx)
+
+
+def _train(params: Params, method: str, ctx: ddp.DistContext, *, embeddings: Path, prompts: Path, base: Path,
+           out: Path, metrics: Path, plots: Path, resume: bool, stop_after: int | None) -> dict[str, Any]:
+    cfg = params.train
+    device = ctx.device
+    sam, info = load_base(base)
+    cache = read_cache_meta(embeddings)
+    if cache.get("checkpoint_sha256") != info.get("checkpoint_sha256"):
+        raise RuntimeError(f"{embeddings}: embeddings were made by checkpoint {str(cache.get('checkpoint_sha256'))[:12]}"
+                           f"..., the base in {base} is {str(info.get('checkpoint_sha256'))[:12]}...; "
+                           "re-run `dvc repro embed`")
+    frame = model_frame(cache)
+    torch.manual_seed(params.seed)  # identical plugin init everywhere (also broadcast below)
+    model = build_method(method, sam, params.plugin)
+    trainable = model.trainable_parameters()
+    n_trainable = int(model.num_trainable)
+    config = {**params.to_dict(), "method": method}
+    plugin_path = out / f"{method}.pt"
+    metrics_path = metrics / f"{method}.json"
+    if n_trainable == 0:  # `sam`: nothing to train; publish an empty plugin so evaluation is uniform
+        result = {"method": method, "trainable_params": 0, "steps": 0, "samples": 0, "seconds": 0.0,
+                  "samples_per_s": 0.0, "final_loss": None, "world_size": ctx.world_size, "device": str(device)}
+        if ctx.is_main:
+            save_plugin(plugin_path, method=method, state_dict={}, config=config,
+                        base_sha256=str(info["checkpoint_sha256"]), extra={"trainable_params": 0, "steps": 0})
+            atomic_write_json(metrics_path, result)
+            _write_loss_outputs([], plots / f"{method}_loss.csv", plots / f"{method}_loss.png", method)
+        log.info("%s has no trainable parameters: wrote an empty plugin file", method)
+        return result
+
+    if cfg.batch_size % ctx.world_size:
+        raise ValueError(f"train.batch_size={cfg.batch_size} is not divisible by the {ctx.world_size} DDP ranks")
+    local_batch = cfg.batch_size // ctx.world_size
+    table = load_train_prompts(prompts)
+    pmeta = read_meta(prompts)
+    if pmeta and (pmeta.get("img_size"), pmeta.get("grid")) != (frame.img_size, frame.grid):
+        raise RuntimeError(f"{prompts}: made for img_size/grid {pmeta.get('img_size')}/{pmeta.get('grid')}, the cache "
+                           f"has {frame.img_size}/{frame.grid}; re-run `dvc repro prompts`")
+
+    model.to(device)
+    model.train()
+    ddp.broadcast_parameters(trainable, ctx)
+    frozen_before = frozen_checksum(sam, exclude=trainable) if ctx.is_main else ""
+    opt = torch.optim.Adam(trainable, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+
+    stream = BatchStream(params, embeddings, table, frame, ctx, local_batch)
+    per_epoch = stream.batches_per_epoch(0)
+    total_steps = _total_steps(params, per_epoch)
+    ckpt_path = out / f"{method}.ckpt"
+    step, history, seconds_before, skipped = 0, [], 0.0, 0
+    items = sanity_items(embeddings, frame) if ctx.is_main else []
+    sanity_before: dict[str, float] = {}
+    if resume and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path)
+        diffs = _config_differences(ckpt["config"], config)
+        if ckpt.get("method") != method:
+            diffs.append(f"method: checkpoint {ckpt.get('method')!r} vs now {method!r}")
+        if ckpt.get("world_size") != ctx.world_size:
+            diffs.append(f"world size: checkpoint {ckpt.get('world_size')} vs now {ctx.world_size}")
+        if diffs:
+            raise ValueError(f"{ckpt_path}: cannot resume, the run changed: " + "; ".join(diffs)
+                             + ". Restore those params, or run without --resume to start over.")
+        model.load_plugin_state_dict(ckpt["plugin"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, history = int(ckpt["step"]), [list(h) for h in ckpt["history"]]
+        seconds_before, skipped = float(ckpt["seconds"]), int(ckpt.get("skipped", 0))
+        sanity_before = dict(ckpt.get("sanity_before", {}))
+        pos = ckpt["reader"][ctx.rank]
+        stream.epoch, stream.batch = int(pos["epoch"]), int(pos["batch"])
+        restore_rng(ckpt["rng"][ctx.rank])
+        log.info("resumed %s from %s at step %d/%d", method, ckpt_path, step, total_steps)
+    elif resume:
+        log.info("no checkpoint at %s: starting %s from scratch", ckpt_path, method)
+    if not sanity_before and ctx.is_main:
+        sanity_before = sanity_iou(model, items, params, frame, device)
+
+    def checkpoint(elapsed: float) -> None:
+        positions = ddp.all_gather_object(stream.position(), ctx)
+        rngs = ddp.all_gather_object(capture_rng(), ctx)
+        if ctx.is_main:
+            save_checkpoint(ckpt_path, {
+                "method": method, "step": step, "plugin": model.plugin_state_dict(), "optimizer": opt.state_dict(),
+                "rng": rngs, "reader": positions, "history": history, "config": config, "seconds": elapsed,
+                "skipped": skipped, "sanity_before": sanity_before, "world_size": ctx.world_size,
+            })
+
+    log.info("%s: %d trainable parameters, %d steps of %d (%d per rank, %d rank(s)), %d batches per epoch, on %s",
+             method, n_trainable, total_steps, cfg.batch_size, local_batch, ctx.world_size, per_epoch, device)
+    t0 = time.perf_counter()
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {method}", unit="step", disable=not ctx.is_main)
+    batches = iter(stream)
+    while step < total_steps:
+        samples = next(batches)
+        skipped += sum(s.prompt is None for s in samples)
+        opt.zero_grad(set_to_none=True)
+        loss_sum, count = batch_loss(model, samples, params, device)
+        (loss_sum / max(count, 1)).backward()
+        ddp.all_reduce_gradients(trainable, ctx)
+        opt.step()
+        step += 1
+        loss = ddp.all_reduce_mean(loss_sum.item() / max(count, 1), ctx)
+        history.append([step, loss, opt.param_groups[0]["lr"]])
+        elapsed = seconds_before + time.perf_counter() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{step * cfg.batch_size / max(elapsed, 1e-9):.1f}")
+        if step % cfg.checkpoint_every == 0 or step == total_steps or step == stop_after:
+            checkpoint(elapsed)
+        if stop_after is not None and step == stop_after and step < total_steps:
+            bar.close()
+            return {"stopped_at": step}
+    bar.close()
+    seconds = seconds_before + time.perf_counter() - t0
+
+    result: dict[str, Any] = {"method": method, "trainable_params": n_trainable, "steps": step,
+                              "samples": step * cfg.batch_size, "seconds": round(seconds, 3),
+                              "samples_per_s": round(step * cfg.batch_size / max(seconds, 1e-9), 3),
+                              "final_loss": float(np.mean([h[1] for h in history[-10:]])),
+                              "last_loss": history[-1][1], "world_size": ctx.world_size, "device": str(device),
+                              "skipped_samples_without_prompt": skipped, "batches_per_epoch": per_epoch,
+                              "epochs": round(step / max(per_epoch, 1), 4)}
+    if ctx.is_main:
+        frozen_after = frozen_checksum(sam, exclude=trainable)
+        if frozen_after != frozen_before:
+            raise RuntimeError("SAM's frozen weights changed during training (checksum mismatch): a bug; "
+                               "the plugin file was NOT written")
+        result["sam_frozen_sha256"] = frozen_after
+        result["sanity_iou"] = {"before": sanity_before, "after": sanity_iou(model, items, params, frame, device)}
+        for kind in SANITY_TYPES:
+            b, a = result["sanity_iou"]["before"].get(kind), result["sanity_iou"]["after"].get(kind)
+            if a is not None:
+                log.info("sanity %-9s IoU on %d training views: before %.3f -> after %.3f", kind, len(items), b, a)
+        if skipped:
+            log.warning("%d training samples had no stored prompt (quarantined or stale prompts) and were skipped",
+                        skipped)
+        save_plugin(out / f"{method}.pt", method=method, state_dict=model.plugin_state_dict(), config=config,
+                    base_sha256=str(info["checkpoint_sha256"]),
+                    extra={"trainable_params": n_trainable, "steps": step})
+        atomic_write_json(metrics_path, result)
+        _write_loss_outputs(history, plots / f"{method}_loss.csv", plots / f"{method}_loss.png", method)
+    ddp.barrier(ctx)
+    return result

@@ -1,0 +1,51 @@
+"""DVC stage `embed`: every view through the frozen SAM image encoder into fp16 Parquet shards.
+
+    python -m stages.embed --params params.yaml --views data/views/views.parquet --root data/hqseg44k \
+        --base models/base --out data/embeddings
+
+Reads params `embed` (batch size, bf16, device, row group and shard sizes, prefetch). Writes
+`<out>/<dataset>/<split>/part-NNNNN.parquet` and, last, `<out>/CACHE.json`. Resumable: re-running
+after an interruption keeps the finished shards; a cache made by another checkpoint, preprocessing,
+format or from other views is refused with the fix. The work is done by
+:func:`pipeline.data.embed.run_embed`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from pipeline.config import ConfigError, load_params
+from pipeline.data.embed import run_embed
+from pipeline.data.embeddings import StaleCacheError
+from pipeline.data.images import DecodeError
+from pipeline.data.views import ViewRenderError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.embed", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
+    parser.add_argument("--views", type=Path, required=True, help="views.parquet (views stage output)")
+    parser.add_argument("--root", type=Path, required=True, help="HQSeg-44K dataset root")
+    parser.add_argument("--base", type=Path, required=True, help="frozen base model folder (base stage output)")
+    parser.add_argument("--out", type=Path, required=True, help="embedding cache folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        params = load_params(args.params)
+        with logging_redirect_tqdm():
+            cache = run_embed(params, args.views, args.root, args.base, args.out, progress=not args.quiet)
+    except (ConfigError, FileNotFoundError, StaleCacheError, ViewRenderError, DecodeError, ValueError) as exc:
+        print(f"embed: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {cache['rows']} embeddings in {len(cache['shards'])} shards "
+          f"({cache['variant']}, checkpoint {cache['checkpoint_sha256'][:12]}..., grid {cache['grid']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
