@@ -157,12 +157,14 @@ class EmbedConfig:
     device: Literal["auto", "cpu", "cuda"]
     row_group_size: int
     shard_rows: int
-    prefetch: bool
+    render_workers: int
 
     def validate(self) -> None:
         _positive("embed.batch_size", self.batch_size)
         _positive("embed.row_group_size", self.row_group_size)
         _positive("embed.shard_rows", self.shard_rows)
+        if self.render_workers < -1:
+            raise ConfigError("embed.render_workers must be -1 (auto), 0 (inline) or a number of threads")
 
 
 TRAIN_PROMPT_TYPES = ("gt_box", "noisy_box", "points", "coarse_mask")

@@ -3,7 +3,7 @@
     python -m stages.embed --params params.yaml --views data/views/views.parquet --root data/hqseg44k \
         --base models/base --out data/embeddings
 
-Reads params `embed` (batch size, bf16, device, row group and shard sizes, prefetch). Writes
+Reads params `embed` (batch size, bf16, device, row group and shard sizes, render threads). Writes
 `<out>/<dataset>/<split>/part-NNNNN.parquet` and, last, `<out>/CACHE.json`. Resumable: re-running
 after an interruption keeps the finished shards; a cache made by another checkpoint, preprocessing,
 format or from other views is refused with the fix. The work is done by

@@ -1,7 +1,7 @@
 """Stage ``train``: train one method's plugin on cached embeddings, SAM frozen (single process or torchrun DDP).
 
-    python -m stages.train --params params.yaml --method stable_sam --embeddings data/embeddings \
-        --prompts data/prompts/train.parquet --base models/base --out models/plugins \
+    python -m stages.train --params params.yaml --method stable_sam --embeddings data/embeddings \\
+        --prompts data/prompts/train.parquet --base models/base --out models/plugins \\
         --metrics metrics/train --plots plots/train [--resume]
     torchrun --standalone --nproc_per_node 2 -m stages.train ...   # DDP (gloo on CPU, NCCL on CUDA)
 """
@@ -27,13 +27,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="plugin folder: <out>/<method>.pt (+ .ckpt)")
     ap.add_argument("--metrics", type=Path, required=True, help="folder for <method>.json")
     ap.add_argument("--plots", type=Path, required=True, help="folder for <method>_loss.csv/.png")
-    ap.add_argument("--resume", action="store_true", help="continue from <out>/<method>.ckpt when it exists")
+    ap.add_argument("--checkpoints", type=Path, default=None,
+                    help="folder for the resumable <method>.ckpt (default: --out)")
+    ap.add_argument("--resume", nargs="?", const="yes", default="no", choices=("no", "yes", "auto"),
+                    help="continue from <checkpoints>/<method>.ckpt; 'auto' starts over if the run changed")
     args = ap.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
     result = train(load_params(args.params), args.method, embeddings=args.embeddings, prompts=args.prompts,
-                   base=args.base, out=args.out, metrics=args.metrics, plots=args.plots, resume=args.resume)
+                   base=args.base, out=args.out, metrics=args.metrics, plots=args.plots,
+                   resume={"no": False, "yes": True, "auto": "auto"}[args.resume], checkpoints=args.checkpoints)
     if rank == 0:
         print(json.dumps(result, indent=2, sort_keys=True))
 

@@ -66,6 +66,7 @@ def test_embed_writes_the_contracted_shards(tmp_path: Path) -> None:
     assert read_cache_meta(out) == cache
     assert cache["rows"] == views.num_rows == sum(s["rows"] for s in cache["shards"])
     assert cache["checkpoint_sha256"] == INFO["checkpoint_sha256"] and cache["preprocessing"] == "sam-resize-longest-pad"
+    assert all(isinstance(o, int) for s in cache["shards"] for o in s["embedding_offsets"])  # zero-copy reads possible
     for s in cache["shards"]:
         path = out / s["path"]
         assert path.parent.relative_to(out).as_posix() == f"{s['dataset']}/{s['split']}"
@@ -111,7 +112,6 @@ embed_views(pq.read_table(root + "/views.parquet"), root, tiny_sam(), INFO, out,
 """
 
 
-@pytest.mark.slow
 def test_killed_run_resumes_to_byte_identical_shards(tmp_path: Path) -> None:
     views = make_views(tmp_path)
     pq.write_table(views, tmp_path / "views.parquet")
@@ -161,3 +161,38 @@ def test_stale_caches_are_refused(tmp_path: Path) -> None:
                 {k: meta[k] for k in ("views_sha256", "dataset", "split", "shard", "rows")}, 2)
     with pytest.raises(StaleCacheError, match="preprocessing='squash'"):
         embed_views(views, tmp_path, sam, INFO, out, embed_cfg(), progress=False)
+
+
+def test_stage_clis_views_then_embed_and_refuse_another_base(tmp_path: Path, capsys) -> None:
+    from pipeline.common.hashing import sha256_file
+    from pipeline.modeling.backbones import freeze
+    from stages.embed import main as embed_main
+    from stages.views import main as views_main
+    from tests.test_views import small_index
+
+    root = tmp_path / "data"
+    pq.write_table(small_index(root, n_train=2, n_eval=1), tmp_path / "index.parquet")
+    params = tmp_path / "params.yaml"
+    text = (PROJECT / "params.yaml").read_text()
+    text = text.replace("  output_size: 0 ", f"  output_size: {IMG} ").replace("  shard_rows: 256 ", "  shard_rows: 4 ")
+    params.write_text(text)
+    rc = views_main(["--params", str(params), "--index", str(tmp_path / "index.parquet"), "--root", str(root),
+                     "--out", str(tmp_path / "views"), "--workers", "1", "--quiet"])
+    assert rc == 0 and (tmp_path / "views" / "views.parquet").is_file()
+
+    def base(seed: int) -> Path:
+        folder = tmp_path / f"base{seed}"
+        folder.mkdir()
+        torch.save(freeze(tiny_sam(seed)).state_dict(), folder / "sam.pt")
+        info = {**INFO, "checkpoint_sha256": sha256_file(folder / "sam.pt")}
+        (folder / "base.json").write_text(json.dumps(info))
+        return folder
+
+    args = ["--params", str(params), "--views", str(tmp_path / "views" / "views.parquet"), "--root", str(root),
+            "--out", str(tmp_path / "emb"), "--quiet"]
+    assert embed_main(args + ["--base", str(base(0))]) == 0
+    assert read_cache_meta(tmp_path / "emb")["rows"] == pq.read_table(tmp_path / "views" / "views.parquet").num_rows
+    capsys.readouterr()
+    assert embed_main(args + ["--base", str(base(1))]) == 2
+    err = capsys.readouterr().err
+    assert "were made by checkpoint" in err and f"delete {tmp_path / 'emb'}" in err

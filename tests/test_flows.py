@@ -179,35 +179,75 @@ def test_pipeline_flow_failure_and_network_retries(prefect_api, tmp_path, monkey
         pipeline_flow(str(params), stages=["nope"], repro_command=FAKE_REPRO)
 
 
-def test_concurrent_flow_runs_are_serialised(prefect_api, tmp_path, monkeypatch):
+def test_flow_waits_while_another_run_holds_the_workspace(prefect_api, tmp_path, monkeypatch):
     from pipeline.flows.dvc_flows import pipeline_flow
 
     params = make_workspace(tmp_path)
     log = tmp_path / "calls.log"
     monkeypatch.setenv("FAKE_LOG", str(log))
-    monkeypatch.setenv("FAKE_SLEEP", "0.4")
     states = {}
-    # each flow run tags its stages' time windows with an extra argv word
-    tagged = FAKE_STAGE.replace('os.environ.get(\"FAKE_TAG\", \"\")', "sys.argv[2]")
-    assert tagged != FAKE_STAGE
-
-    def run(tag: str) -> None:
-        states[tag] = pipeline_flow(str(params), repro_command=[PY, "-c", tagged, "{stage}", tag],
-                                    return_state=True)
-
-    threads = [threading.Thread(target=run, args=(tag,)) for tag in ("A", "B")]
-    for t in threads:
+    with workspace_lock(tmp_path, owner="another flow run"):
+        t = threading.Thread(target=lambda: states.setdefault(
+            "s", pipeline_flow(str(params), repro_command=FAKE_REPRO, return_state=True)))
         t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert all(s.is_completed() for s in states.values()), states
+        time.sleep(3.0)
+        assert not log.exists()  # no stage ran while the workspace was held
+        released = time.time()
+    t.join(timeout=60)
+    assert states["s"].is_completed()
+    starts = [float(line.split()[-2]) for line in log.read_text().splitlines()]
+    assert len(starts) == 2 and min(starts) >= released
+    assert any("busy" in m and "another flow run" in m for m in flow_logs(states["s"].state_details.flow_run_id))
+
+
+# Two flow runs in two processes on one workspace. Each stage first waits for a "go" file that the test
+# writes once both processes are up, so that without the lock their stages would certainly overlap.
+TWO_PROCESS_FLOW = """
+import sys, pathlib, pipeline
+from pipeline.flows.dvc_flows import pipeline_flow
+params, tag, ready, stage_code = sys.argv[1:5]
+pathlib.Path(ready).write_text("ready")
+state = pipeline_flow(params, repro_command=[sys.executable, "-c", stage_code, "{stage}", tag], return_state=True)
+sys.exit(0 if state.is_completed() else 1)
+"""
+GATED_STAGE = (
+    "import sys, time, os, pathlib; go = pathlib.Path(os.environ['GO_FILE']);"
+    "[time.sleep(0.05) for _ in iter(lambda: go.exists(), True)];"
+    "t0 = time.time(); time.sleep(0.5);"
+    "open(os.environ['FAKE_LOG'], 'a').write(f'{sys.argv[1]} {sys.argv[2]} {t0} {time.time()}\\n')"
+)
+
+
+@pytest.mark.slow
+def test_concurrent_flow_runs_are_serialised(prefect_api, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    params = make_workspace(tmp_path)
+    log, go = tmp_path / "calls.log", tmp_path / "go"
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "FAKE_LOG": str(log),
+           "GO_FILE": str(go), "PYTHONPATH": str(PROJECT_ROOT)}
+    procs = [subprocess.Popen([PY, "-c", TWO_PROCESS_FLOW, str(params), tag, str(tmp_path / f"ready-{tag}"),
+                               GATED_STAGE], env=env, cwd=tmp_path) for tag in ("A", "B")]
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"ready-{tag}").exists() for tag in ("A", "B")):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.2)
+        time.sleep(3.0)  # both flows reach their first stage (or the lock)
+        go.write_text("go")
+        assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     windows: dict[str, list[float]] = {}
     for line in log.read_text().splitlines():
         stage, tag, t0, t1 = line.split()
         w = windows.setdefault(tag, [float("inf"), float("-inf")])
         w[0], w[1] = min(w[0], float(t0)), max(w[1], float(t1))
+    assert set(windows) == {"A", "B"}
     (a0, a1), (b0, b1) = sorted(windows.values())
-    assert set(windows) == {"A", "B"} and a1 <= b0, windows  # one flow's stages all ran before the other's
+    assert a1 <= b0, windows  # all of one flow run's stages ran before any of the other's
 
 
 def test_retrain_with_overrides_runs_dvc_exp(prefect_api, tmp_path):
@@ -297,6 +337,7 @@ def test_served_cron_deployment_runs_on_a_real_server(tmp_path):
         assert re.search(r"Completed", run.stdout + run.stderr), run.stdout + run.stderr
         calls = (tmp_path / "calls.log").read_text().split()
         assert calls[0] == "prepare" and "train" in calls
+        assert (tmp_path / "ws" / "mlflow.db").is_file()  # the promotion step ran against the workspace store
     finally:
         if served is not None:
             _stop(served)

@@ -113,3 +113,24 @@ def test_unfinished_cache_is_not_read(tmp_path: Path) -> None:
     (tmp_path / "CACHE.json").unlink()
     with pytest.raises(IncompleteCacheError, match="dvc repro embed"):
         EmbeddingDataset(tmp_path, "train")
+
+
+def test_zero_copy_path_matches_parquet_decoding(cache: Path) -> None:
+    import json
+
+    meta = json.loads((cache / "CACHE.json").read_text())
+    offsets = [o for s in meta["shards"] for o in s["embedding_offsets"]]
+    assert offsets and all(isinstance(o, int) for o in offsets)  # the writer's layout allows the fast path
+    fast = list(iter_views(cache, "train"))
+    for s in meta["shards"]:
+        del s["embedding_offsets"]  # readers must fall back to Parquet decoding
+    (cache / "CACHE.json").write_text(json.dumps(meta))
+    slow = list(iter_views(cache, "train"))
+    assert [r["view_id"] for r in fast] == [r["view_id"] for r in slow]
+    assert all(torch.equal(a["embedding"], b["embedding"]) for a, b in zip(fast, slow))
+    # a shard another tool rewrote compressed has no verifiable offsets (and is still readable)
+    import pyarrow.parquet as pq
+
+    first = cache / meta["shards"][0]["path"]
+    pq.write_table(pq.read_table(first), first, compression="zstd", row_group_size=3)
+    assert E.locate_embeddings(first, META) == [None] * 4

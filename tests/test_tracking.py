@@ -184,8 +184,11 @@ def test_param_logging_is_retry_safe(store):
 
 def test_default_tracking_uri_is_absolute_sqlite(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
     uri = mlflow_adapter.resolve_tracking_uri("", tmp_path)
     assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "project"))  # dvc exp run --temp: the real project root
+    assert mlflow_adapter.resolve_tracking_uri("", tmp_path / "tmpcopy") == f"sqlite:///{tmp_path.resolve()}/project/mlflow.db"
     assert mlflow_adapter.default_artifact_location(uri) == (tmp_path.resolve() / "mlruns").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert mlflow_adapter.resolve_tracking_uri("", tmp_path) == "http://127.0.0.1:5000"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,17 +14,18 @@ import torch
 
 from pipeline.common.hashing import sha256_file
 from pipeline.config import Params, load_params, replace
+from pipeline.data.embeddings import read_cache_meta
 from pipeline.modeling.backbones import build_tiny, freeze, load_base
 from pipeline.modeling.methods import build_method
 from pipeline.prompts.stage import make_prompts, model_frame
 from pipeline.prompts.tables import load_train_prompts
 from pipeline.training import ddp
-from pipeline.training.checkpointing import capture_rng, load_plugin, restore_rng, save_checkpoint, load_checkpoint
+from pipeline.training.checkpointing import capture_rng, load_checkpoint, load_plugin, restore_rng, save_checkpoint
 from pipeline.training.train import BatchStream, batch_loss, frozen_checksum, train
-from pipeline.data.embeddings import read_cache_meta
 from tests.test_prompts import write_fake_cache
 
 IMG, GRID = 64, 8
+SKIPPED = "DUTS-TR/im5#0"
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,8 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     sha = sha256_file(base / "sam.pt")
     (base / "base.json").write_text(json.dumps({"variant": "tiny", "checkpoint_sha256": sha, "img_size": IMG,
                                                 "grid": GRID, "channels": 256}))
-    write_fake_cache(tmp / "emb", sha, img=IMG, grid=GRID, n_train=12)
+    # One view with an empty GT: the prompts stage quarantines it, training must skip it (counted).
+    write_fake_cache(tmp / "emb", sha, img=IMG, grid=GRID, n_train=12, empty_views=(SKIPPED,))
     params = replace(load_params("params.yaml"), **{
         "train.batch_size": 4, "train.max_steps": 4, "train.loss_points": 128, "train.checkpoint_every": 2,
         "train.device": "cpu", "train.shuffle_buffer": 4,
@@ -62,6 +63,7 @@ def plugin(ws: dict[str, Any], tag: str, method: str = "stable_sam") -> dict[str
 def test_outputs_frozen_sam_and_plugin_only_weights(ws):
     res = run(ws, "stable_sam", "a")
     assert res["steps"] == 4 and res["samples"] == 16 and res["trainable_params"] == 77650
+    assert res["batches_per_epoch"] == 3 and res["skipped_samples_without_prompt"] == 1  # 4 steps: 1 + 1/3 epochs
     assert res["final_loss"] > 0 and res["seconds"] > 0 and res["samples_per_s"] > 0
     assert set(res["sanity_iou"]["before"]) == {"gt_box", "noisy_box", "point_1"}
     saved = json.loads((ws["tmp"] / "a" / "metrics" / "stable_sam.json").read_text())
@@ -139,6 +141,13 @@ def test_sam_method_writes_an_empty_plugin_and_pt_sam_trains(ws):
     assert (ws["tmp"] / "sam" / "plots" / "sam_loss.csv").read_text() == "step,loss,lr\n"
     res = run(ws, "pt_sam", "pt", params=replace(ws["params"], **{"train.max_steps": 1}))
     assert res["trainable_params"] == 5 * 256 and res["steps"] == 1
+
+
+def test_dataloader_workers_give_the_same_run(ws):
+    run(ws, "stable_sam", "w0", params=replace(ws["params"], **{"train.max_steps": 2}))
+    run(ws, "stable_sam", "w2", params=replace(ws["params"], **{"train.max_steps": 2, "train.num_workers": 2}))
+    a, b = plugin(ws, "w0")["state_dict"], plugin(ws, "w2")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_rng_state_round_trip_weights_only(tmp_path):

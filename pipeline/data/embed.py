@@ -3,8 +3,9 @@
 For each view (sorted by dataset, split, view_id): :func:`pipeline.data.views.render_view` ->
 :func:`pipeline.modeling.transforms.preprocess` -> batched ``sam.image_encoder`` under
 ``torch.inference_mode`` (bf16 autocast when ``embed.bf16``) -> fp16 -> shard files (format:
-:mod:`pipeline.data.embeddings`). A background thread renders the next batch while the encoder runs
-(``embed.prefetch``).
+:mod:`pipeline.data.embeddings`). ``embed.render_workers`` threads render batches ahead of the encoder
+(auto: none on CPU, where they would compete with it for cores), and one thread writes the finished
+shard while the next one encodes.
 
 Resume: a shard is a fixed chunk of ``embed.shard_rows`` views of one (dataset, split); batches never
 cross shards, so a shard's bytes do not depend on which run wrote it. Shards are written to a temporary
@@ -16,17 +17,16 @@ views hash) are kept, anything else is REFUSED (never mixed). ``CACHE.json`` is 
 """
 from __future__ import annotations
 
-import contextlib
+import collections
 import hashlib
 import json
 import logging
 import os
-import queue
-import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +41,7 @@ from pipeline.data.embeddings import (
     CacheMeta,
     StaleCacheError,
     cache_summary,
+    locate_embeddings,
     read_shard_meta,
     shard_path,
     write_shard,
@@ -112,7 +113,8 @@ def plan_shards(views: pa.Table, shard_rows: int) -> list[ShardPlan]:
 
 
 def _refusal(out: Path, what: str) -> StaleCacheError:
-    return StaleCacheError(f"embeddings in {out} {what}; delete {out} or re-run `dvc repro embed` (which clears it)")
+    return StaleCacheError(f"embeddings in {out} {what}; delete {out} and re-run `dvc repro embed` "
+                           "(the cache is resumable, so DVC keeps it between runs)")
 
 
 def check_existing(out: str | os.PathLike[str], plans: list[ShardPlan], meta: CacheMeta) -> set[str]:
@@ -178,51 +180,43 @@ def render_batch(rows: list[Mapping[str, Any]], root: Path, img_size: int) -> tu
     return torch.stack(xs), hws
 
 
-def _batches(views: pa.Table, todo: list[tuple[int, ShardPlan]], root: Path, img_size: int, batch_size: int) -> Iterator[Batch]:
+def _batch_jobs(
+    views: pa.Table, todo: list[tuple[int, ShardPlan]], batch_size: int
+) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """(shard number, rows) per encoder batch; batches never cross shards (so shard bytes never depend on resume)."""
     for k, plan in todo:
         rows = views.slice(plan.start, plan.rows).to_pylist()
         for s in range(0, len(rows), batch_size):
-            x, hws = render_batch(rows[s:s + batch_size], root, img_size)
-            yield Batch(k, x, hws)
+            yield k, rows[s:s + batch_size]
 
 
-def prefetched(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
-    """Iterate ``items`` produced by a background thread, ``depth`` ahead; its exceptions re-raise here."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    end = object()
+def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, depth: int | None = None) -> Iterator[Any]:
+    """``map(fn, items)`` computed by ``workers`` threads up to ``depth`` items ahead, yielded in order.
 
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(("ok", item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(("ok", end))
-        except BaseException as exc:  # forwarded to the consumer, which re-raises it
-            q.put(("err", exc))
-
-    thread = threading.Thread(target=produce, name="embed-prefetch", daemon=True)
-    thread.start()
+    ``workers == 0`` runs inline. PIL decoding, OpenCV and torch release the GIL, so threads do help.
+    """
+    if workers <= 0:
+        yield from map(fn, items)
+        return
+    depth = depth if depth is not None else 2 * workers
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="embed-render")
+    window: collections.deque[Future] = collections.deque()
     try:
-        while True:
-            kind, item = q.get()
-            if kind == "err":
-                raise item
-            if item is end:
-                return
-            yield item
+        for item in items:
+            window.append(pool.submit(fn, item))
+            if len(window) > depth:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
     finally:
-        stop.set()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                q.get_nowait()
-        thread.join(timeout=5)
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def resolve_render_workers(n: int, device: torch.device) -> int:
+    """``embed.render_workers``: -1 = 0 on CPU (threads would steal the encoder's cores), else min(8, cores - 1)."""
+    if n >= 0:
+        return n
+    return 0 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,55 +256,83 @@ def embed_views(
         (out / CACHE_FILE).unlink(missing_ok=True)  # the cache is incomplete until CACHE.json is rewritten
     device = resolve_device(cfg.device)
     encoder = sam.image_encoder.to(device).eval()
+    workers = resolve_render_workers(cfg.render_workers, device)
     exit_after = int(os.environ.get(EXIT_AFTER_SHARDS_ENV, "0") or 0)
-    log.info("embed: %d shards (%d views) to do, %d reused; device %s, bf16 %s",
-             len(todo), sum(p.rows for _, p in todo), len(done), device, cfg.bf16)
+    log.info("embed: %d shards (%d views) to do, %d reused; device %s, bf16 %s, %d render threads",
+             len(todo), sum(p.rows for _, p in todo), len(done), device, cfg.bf16, workers)
 
-    batches = _batches(views, todo, root, meta.img_size, cfg.batch_size)
-    stream = prefetched(batches) if cfg.prefetch else batches
+    def render(job: tuple[int, list[dict[str, Any]]]) -> Batch:
+        k, rows = job
+        x, hws = render_batch(rows, root, meta.img_size)
+        return Batch(k, x, hws)
+
     bar = tqdm(total=sum(p.rows for _, p in todo), desc="embed", unit="img", disable=not progress)
     pending: dict[int, list[tuple[torch.Tensor, list[tuple[int, int]]]]] = {}
     written = 0
-    t0 = time.perf_counter()
-    for batch in stream:
-        y = encode(encoder, batch.x, device, cfg.bf16)
-        if tuple(y.shape[1:]) != meta.shape:
-            raise ValueError(f"the encoder outputs {tuple(y.shape[1:])}, base.json says {meta.shape}; fix models/base")
-        pending.setdefault(batch.shard, []).append((y, batch.input_hw))
-        bar.update(len(batch.input_hw))
-        plan = plans[batch.shard]
-        if sum(len(h) for _, h in pending[batch.shard]) == plan.rows:
-            _write(out, views, plan, pending.pop(batch.shard), meta, cfg.row_group_size)
+    offsets: dict[str, list[int | None]] = {}  # located while each new shard is still in the page cache
+    writer = ThreadPoolExecutor(1, thread_name_prefix="embed-write")  # one shard written while the next encodes
+    in_flight: Future | None = None
+
+    def settle() -> None:
+        nonlocal in_flight, written
+        if in_flight is not None:
+            rel, offs = in_flight.result()
+            offsets[rel] = offs
+            in_flight = None
             written += 1
             if exit_after and written >= exit_after:
-                os._exit(17)
-    bar.close()
+                os._exit(17)  # test hook: die like a killed run, right after a finished shard
+
+    t0 = time.perf_counter()
+    try:
+        for batch in ordered_map(render, _batch_jobs(views, todo, cfg.batch_size), workers):
+            y = encode(encoder, batch.x, device, cfg.bf16)
+            if tuple(y.shape[1:]) != meta.shape:
+                raise ValueError(f"the encoder outputs {tuple(y.shape[1:])}, base.json says {meta.shape}; fix models/base")
+            pending.setdefault(batch.shard, []).append((y, batch.input_hw))
+            bar.update(len(batch.input_hw))
+            plan = plans[batch.shard]
+            if sum(len(h) for _, h in pending[batch.shard]) == plan.rows:
+                settle()
+                in_flight = writer.submit(_write, out, views, plan, pending.pop(batch.shard), meta, cfg.row_group_size)
+        settle()
+    finally:
+        writer.shutdown(wait=True)
+        bar.close()
     elapsed = time.perf_counter() - t0
-    cache = _cache_summary(out, plans, meta)
+    cache = _cache_summary(out, plans, meta, offsets)
     atomic_write_json(out / CACHE_FILE, cache)
     n = sum(p.rows for _, p in todo)
     log.info("embed: %d views in %.1f s (%.2f img/s)", n, elapsed, n / elapsed if elapsed else float("nan"))
     return cache
 
 
-def _write(out: Path, views: pa.Table, plan: ShardPlan, parts: list, meta: CacheMeta, row_group_size: int) -> None:
+def _write(out: Path, views: pa.Table, plan: ShardPlan, parts: list, meta: CacheMeta,
+           row_group_size: int) -> tuple[str, list[int | None]]:
+    """Write one shard atomically; returns (its relative path, its verified embedding offsets)."""
     emb = torch.cat([y for y, _ in parts]).numpy()
     if not np.isfinite(emb).all():
         raise FloatingPointError(f"non-finite embeddings in {plan.rel()} (fp16 overflow?); run with embed.bf16: false")
     hws = [hw for _, h in parts for hw in h]
     rows = views.slice(plan.start, plan.rows)
-    columns = {c: rows.column(c).to_pylist() for c in ("view_id", "sample_id", "dataset", "split", "height", "width", "mask_rle")}
+    names = ("view_id", "sample_id", "dataset", "split", "height", "width", "mask_rle")
+    columns = {c: rows.column(c).to_pylist() for c in names}
     columns["input_h"] = [h for h, _ in hws]
     columns["input_w"] = [w for _, w in hws]
     extra = {"views_sha256": plan.views_sha256, "dataset": plan.dataset, "split": plan.split,
              "shard": plan.index, "rows": plan.rows}
     with atomic_path(plan.path(out)) as tmp:
         write_shard(tmp, columns, emb, meta, extra, row_group_size)
+        offs = locate_embeddings(tmp, meta)  # positions survive the rename
+    return plan.rel(), offs
 
 
-def _cache_summary(out: Path, plans: list[ShardPlan], meta: CacheMeta) -> dict[str, Any]:
+def _cache_summary(
+    out: Path, plans: list[ShardPlan], meta: CacheMeta, offsets: Mapping[str, list[int | None]]
+) -> dict[str, Any]:
     shards = [{"path": p.rel(), "dataset": p.dataset, "split": p.split, "rows": p.rows,
-               "views_sha256": p.views_sha256, "bytes": p.path(out).stat().st_size} for p in plans]
+               "views_sha256": p.views_sha256, "bytes": p.path(out).stat().st_size,
+               "embedding_offsets": offsets.get(p.rel()) or locate_embeddings(p.path(out), meta)} for p in plans]
     return cache_summary(meta, shards)
 
 
@@ -345,6 +367,6 @@ def run_embed(
 
 
 __all__ = [
-    "Batch", "EXIT_AFTER_SHARDS_ENV", "ShardPlan", "check_existing", "embed_views", "encode", "plan_shards",
-    "prefetched", "render_batch", "resolve_device", "run_embed", "sort_views", "views_hash",
+    "Batch", "EXIT_AFTER_SHARDS_ENV", "ShardPlan", "check_existing", "embed_views", "encode", "ordered_map",
+    "plan_shards", "render_batch", "resolve_device", "resolve_render_workers", "run_embed", "sort_views", "views_hash",
 ]

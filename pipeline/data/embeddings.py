@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import random
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -164,6 +165,36 @@ def read_shard_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(raw)
 
 
+def locate_embeddings(path: str | os.PathLike[str], meta: CacheMeta) -> list[int | None]:
+    """Per row group: the byte offset where its embeddings lie contiguously in the file, or None.
+
+    With one uncompressed PLAIN data page per column chunk (what :func:`write_shard` writes), a row
+    group's values are the last ``rows * row_bytes`` bytes of the embedding column chunk. Each candidate
+    is VERIFIED byte for byte against pyarrow's own decoding, so a reader using the offset
+    (:class:`EmbeddingDataset`'s zero-copy path) can never see other bytes than pyarrow would.
+    """
+    offsets: list[int | None] = []
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    pf = pq.ParquetFile(str(path), memory_map=True, pre_buffer=False)
+    try:
+        md = pf.metadata
+        col = pf.schema_arrow.get_field_index("embedding")
+        for rg in range(md.num_row_groups):
+            chunk = md.row_group(rg).column(col)
+            n = md.row_group(rg).num_rows
+            start = chunk.data_page_offset + chunk.total_compressed_size - n * meta.row_bytes
+            ok = (chunk.compression == "UNCOMPRESSED" and chunk.dictionary_page_offset is None
+                  and n > 0 and start >= chunk.data_page_offset)
+            if ok:
+                decoded = _decoded_embeddings(pf.read_row_group(rg, columns=["embedding"]), meta.shape)
+                ok = np.array_equal(mapped[start:start + n * meta.row_bytes], decoded.reshape(-1).view(np.uint8))
+            offsets.append(int(start) if ok else None)
+    finally:
+        pf.close()
+        del mapped
+    return offsets
+
+
 def read_cache_meta(root: str | os.PathLike[str]) -> dict[str, Any]:
     """``<root>/CACHE.json``: {meta fields..., "shards": [{path, dataset, split, rows, views_sha256, bytes}], ...}.
 
@@ -176,12 +207,17 @@ def read_cache_meta(root: str | os.PathLike[str]) -> dict[str, Any]:
         )
     cache = json.loads(path.read_text())
     if cache.get("format_version") != FORMAT_VERSION:
-        raise StaleCacheError(f"{path}: format_version {cache.get('format_version')} != {FORMAT_VERSION}; re-run `dvc repro embed`")
+        raise StaleCacheError(f"{path}: format_version {cache.get('format_version')} != {FORMAT_VERSION}; "
+                              "re-run `dvc repro embed`")
     return cache
 
 
 def cache_summary(meta: CacheMeta, shards: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """CACHE.json's contents: ``meta`` + the shard list (each: path, dataset, split, rows, views_sha256, bytes)."""
+    """CACHE.json's contents: ``meta`` + the shard list.
+
+    Each shard: path, dataset, split, rows, views_sha256, bytes, and optionally ``embedding_offsets``
+    (from :func:`locate_embeddings`; readers fall back to Parquet decoding without them).
+    """
     overall = hashlib.sha256("".join(s["views_sha256"] for s in shards).encode()).hexdigest()
     return {**meta.as_dict(), "views_sha256": overall, "rows": sum(int(s["rows"]) for s in shards),
             "shards": [dict(s) for s in shards]}
@@ -222,7 +258,8 @@ def write_synthetic_cache(
             extra = {"views_sha256": vh, "dataset": dataset, "split": split, "shard": index, "rows": len(ks)}
             size = write_shard(path, cols, emb, meta, extra, row_group_size)
             shards.append({"path": path.relative_to(root).as_posix(), "dataset": dataset, "split": split,
-                           "rows": len(ks), "views_sha256": vh, "bytes": size})
+                           "rows": len(ks), "views_sha256": vh, "bytes": size,
+                           "embedding_offsets": locate_embeddings(path, meta)})
     cache = cache_summary(meta, shards)
     (root / CACHE_FILE).write_text(json.dumps(cache, indent=2, sort_keys=True) + "\n")
     return cache
@@ -238,6 +275,7 @@ class RowGroupRef:
     row_group: int
     rows: int
     dataset: str
+    offset: int | None = None  # where the fp16 rows lie contiguously in the file (verified at write time)
 
 
 def _select_shards(cache: Mapping[str, Any], split: str, datasets: Iterable[str] | None) -> list[dict[str, Any]]:
@@ -255,10 +293,23 @@ def _row_groups(root: Path, shards: list[dict[str, Any]]) -> tuple[list[RowGroup
     footers: dict[str, pq.FileMetaData] = {}
     for s in shards:
         path = str(root / s["path"])
+        if not os.path.isfile(path):
+            raise IncompleteCacheError(f"{path}: listed in CACHE.json but missing; re-run `dvc repro embed`")
+        if "bytes" in s and os.path.getsize(path) != int(s["bytes"]):
+            raise StaleCacheError(f"{path}: size changed after CACHE.json was written; re-run `dvc repro embed`")
         md = pq.read_metadata(path)
         footers[path] = md
-        refs.extend(RowGroupRef(path, i, md.row_group(i).num_rows, s["dataset"]) for i in range(md.num_row_groups))
+        offsets = s.get("embedding_offsets") or [None] * md.num_row_groups
+        if len(offsets) != md.num_row_groups:
+            offsets = [None] * md.num_row_groups
+        refs.extend(RowGroupRef(path, i, md.row_group(i).num_rows, s["dataset"], offsets[i])
+                    for i in range(md.num_row_groups))
     return refs, footers
+
+
+def _py_rng(key: list[int]) -> random.Random:
+    """A ``random.Random`` seeded from a numpy SeedSequence of ``key`` (stable across runs and machines)."""
+    return random.Random(int(np.random.SeedSequence(key).generate_state(2, np.uint64)[0]))
 
 
 def balanced_split(refs: Sequence[RowGroupRef], parts: int) -> list[list[RowGroupRef]]:
@@ -280,14 +331,12 @@ class _Block:
 
     __slots__ = ("cols", "emb", "n", "__weakref__")
 
-    def __init__(self, scalars: pa.Table, embedding: pa.Table, shape: tuple[int, int, int]) -> None:
+    def __init__(self, scalars: pa.Table, emb: np.ndarray) -> None:
         self.n = scalars.num_rows
         self.cols = {name: scalars.column(name).to_pylist() for name in SCALAR_COLUMNS}
-        chunk = embedding.column("embedding").combine_chunks()
-        row_bytes = 2 * shape[0] * shape[1] * shape[2]
-        buf = chunk.buffers()[1]
-        raw = np.frombuffer(buf, dtype=np.uint8, count=self.n * row_bytes, offset=chunk.offset * row_bytes)
-        self.emb = raw.view(np.float16).reshape(self.n, *shape)
+        self.emb = emb  # fp16 [n, C, g, g]: a view of a private file map, or of pyarrow's decoded buffer
+        if len(emb) != self.n:
+            raise StaleCacheError(f"row group holds {self.n} rows but {len(emb)} embeddings; re-run `dvc repro embed`")
 
     def row(self, i: int) -> dict[str, Any]:
         out = {name: self.cols[name][i] for name in SCALAR_COLUMNS}
@@ -295,15 +344,31 @@ class _Block:
         return out
 
 
+def _decoded_embeddings(table: pa.Table, shape: tuple[int, int, int]) -> np.ndarray:
+    """fp16 ``[n, C, g, g]`` from a decoded ``embedding`` column (no copy for a single chunk)."""
+    row_bytes = 2 * shape[0] * shape[1] * shape[2]
+    parts = []
+    for chunk in table.column("embedding").chunks:
+        raw = np.frombuffer(chunk.buffers()[1], dtype=np.uint8, count=len(chunk) * row_bytes,
+                            offset=chunk.offset * row_bytes)
+        parts.append(raw.view(np.float16).reshape(len(chunk), *shape))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 def _read_block(ref: RowGroupRef, footer: pq.FileMetaData | None, shape: tuple[int, int, int]) -> _Block:
-    # A fresh memory map per row group: its pages leave the process once the block is dropped, so the
-    # resident set stays bounded however many shards a pass touches (a long-lived map would keep them).
-    # The embedding column alone, read without pre-buffering, stays a zero-copy view of the map
-    # (measured: ~2x the throughput of reading all columns at once).
+    """One row group. Fast path: the fp16 rows are mapped straight from the file at the verified offset
+    (zero-copy; measured ~2-3x the throughput of Parquet decoding, which copies). Every block gets its
+    own map, released with the block, so the resident set stays bounded however many shards a pass touches.
+    """
     pf = pq.ParquetFile(ref.path, memory_map=True, metadata=footer, pre_buffer=False)
     try:
-        return _Block(pf.read_row_group(ref.row_group, columns=list(SCALAR_COLUMNS)),
-                      pf.read_row_group(ref.row_group, columns=["embedding"]), shape)
+        scalars = pf.read_row_group(ref.row_group, columns=list(SCALAR_COLUMNS))
+        if ref.offset is not None:
+            mapped = np.memmap(ref.path, dtype=np.float16, mode="c", offset=ref.offset, shape=(ref.rows, *shape))
+            emb = mapped.view(np.ndarray)  # a plain view (cheaper per-row slicing); keeps the map alive
+        else:
+            emb = _decoded_embeddings(pf.read_row_group(ref.row_group, columns=["embedding"]), shape)
+        return _Block(scalars, emb)
     finally:
         pf.close()
 
@@ -391,7 +456,7 @@ class EmbeddingDataset(IterableDataset):
         perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.refs))
         return [self.refs[i] for i in perm]
 
-    def _stream(self, refs: list[RowGroupRef], rng: np.random.Generator) -> Iterator[tuple[_Block, int]]:
+    def _stream(self, refs: list[RowGroupRef], rng: random.Random) -> Iterator[tuple[_Block, int]]:
         """(block, row) pairs: ``refs`` read in order, mixed through a buffer of whole row groups."""
         shape = self.meta.shape
         if self.shuffle_buffer <= 1:
@@ -418,7 +483,7 @@ class EmbeddingDataset(IterableDataset):
                     live[id(block)] = block.n
             if not pool:
                 return
-            j = int(rng.integers(len(pool)))
+            j = rng.randrange(len(pool))  # random.Random: ~10x less per-call overhead than numpy here
             pool[j], pool[-1] = pool[-1], pool[j]
             block, i = pool.pop()
             live[id(block)] -= 1
@@ -432,13 +497,13 @@ class EmbeddingDataset(IterableDataset):
         order = self._global_order()
         if self.partition == "row_groups":
             mine = balanced_split(balanced_split(order, self.world_size)[self.rank], nw)[wid]
-            rng = np.random.default_rng([self.seed, self.epoch, 1, self.rank, wid])
+            rng = _py_rng([self.seed, self.epoch, 1, self.rank, wid])
             for block, i in self._stream(mine, rng):
                 yield block.row(i)
             return
         if nw > 1 and not self.batch_size:
             raise ValueError("partition='rows' with several DataLoader workers needs batch_size= (the loader's batch size)")
-        rng = np.random.default_rng([self.seed, self.epoch, 2])
+        rng = _py_rng([self.seed, self.epoch, 2])
         for g, (block, i) in enumerate(self._stream(order, rng)):
             if g % self.world_size != self.rank:
                 continue
@@ -482,7 +547,7 @@ def load_embedding_rows(root: str | os.PathLike[str], view_ids: Iterable[str]) -
                 ids = pf.read_row_group(rg, columns=["view_id"]).column(0).to_pylist()
                 if wanted.intersection(ids):
                     block = _Block(pf.read_row_group(rg, columns=list(SCALAR_COLUMNS)),
-                                   pf.read_row_group(rg, columns=["embedding"]), shape)
+                                   _decoded_embeddings(pf.read_row_group(rg, columns=["embedding"]), shape))
                     for i, vid in enumerate(block.cols["view_id"]):
                         if vid in wanted:
                             out[vid] = block.row(i)
@@ -496,7 +561,8 @@ def load_embedding_rows(root: str | os.PathLike[str], view_ids: Iterable[str]) -
 
 __all__ = [
     "CACHE_FILE", "CacheMeta", "DTYPE", "EmbeddingDataset", "FORMAT_VERSION", "IncompleteCacheError", "META_KEY",
-    "PREPROCESSING", "RowGroupRef", "SCALAR_COLUMNS", "balanced_split", "StaleCacheError", "iter_views", "load_embedding_rows",
-    "cache_summary", "read_cache_meta", "read_shard_meta", "shard_path", "shard_schema", "write_shard",
+    "PREPROCESSING", "RowGroupRef", "SCALAR_COLUMNS", "StaleCacheError", "balanced_split", "cache_summary",
+    "iter_views", "load_embedding_rows", "locate_embeddings", "read_cache_meta", "read_shard_meta", "shard_path",
+    "shard_schema", "write_shard",
     "write_synthetic_cache",
 ]

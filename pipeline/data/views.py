@@ -162,7 +162,9 @@ def _occluder_transforms(occ: Mapping[str, Any]) -> list[A.BasicTransform]:
     return ts
 
 
-def occluder_patch(image: np.ndarray | None, mask: np.ndarray, occ: Mapping[str, Any]) -> tuple[np.ndarray | None, np.ndarray]:
+def occluder_patch(
+    image: np.ndarray | None, mask: np.ndarray, occ: Mapping[str, Any]
+) -> tuple[np.ndarray | None, np.ndarray]:
     """The occluder's (image ``rh x rw x 3`` or None, bool mask ``rh x rw``) after crop, flip and resize."""
     ts = _occluder_transforms(occ)
     patch_mask = _run(ts, _mask_u8(mask)) > 127
@@ -170,7 +172,9 @@ def occluder_patch(image: np.ndarray | None, mask: np.ndarray, occ: Mapping[str,
     return patch_img, patch_mask
 
 
-def _paste_window(canvas_hw: tuple[int, int], patch_hw: tuple[int, int], top_left: Sequence[int]) -> tuple[slice, slice, slice, slice] | None:
+def _paste_window(
+    canvas_hw: tuple[int, int], patch_hw: tuple[int, int], top_left: Sequence[int]
+) -> tuple[slice, slice, slice, slice] | None:
     """(canvas rows, canvas cols, patch rows, patch cols) of a patch placed at ``(x, y)``; None if outside."""
     H, W = canvas_hw
     h, w = patch_hw
@@ -261,7 +265,8 @@ def render_view(
     """
     spec = json.loads(row["spec"])
     if spec.get("v") != SPEC_VERSION:
-        raise ViewRenderError(f"view {row.get('view_id')}: spec version {spec.get('v')} != {SPEC_VERSION}; re-run `dvc repro views`")
+        raise ViewRenderError(f"view {row.get('view_id')}: spec version {spec.get('v')} != {SPEC_VERSION}; "
+                              "re-run `dvc repro views`")
     if index is not None:
         _check_against_index(spec, index)
     root = Path(root)
@@ -272,7 +277,8 @@ def render_view(
     if kind == "original":
         return image, mask
     if kind == "jitter":
-        return (jitter_image(image, spec) if image is not None else None), (jitter_mask(mask, spec) if mask is not None else None)
+        out_img = jitter_image(image, spec) if image is not None else None
+        return out_img, (jitter_mask(mask, spec) if mask is not None else None)
     if kind == "occluded":
         occ = spec["occluder"]
         occ_img = _load_checked_image(root, occ["image_path"], occ["source_hw"]) if with_image else None
@@ -453,10 +459,10 @@ def resolve_output_size(params: Params) -> int:
     """``views.output_size``, or the base model's input side when it is 0 (the registry's ``img_size``)."""
     if params.views.output_size > 0:
         return params.views.output_size
-    from pipeline.modeling.backbones import get_spec  # noqa: PLC0415 - light import, only when needed
-
     if params.sam.variant == "tiny":
         return params.base_pretrain.img_size
+    from pipeline.modeling.backbones import get_spec  # noqa: PLC0415 - pulls in torch: only when needed
+
     return get_spec(params.sam.variant).img_size
 
 

@@ -49,16 +49,20 @@ def main(argv: list[str] | None = None) -> int:
 
         serve_flows(args.params, name=args.name)
         return 0
+    if args.flow == "pipeline" and args.overrides:
+        parser.error("--set is for `run retrain` (it runs `dvc exp run -S ...`)")
     from pipeline.flows.dvc_flows import pipeline_flow, retrain_flow
 
-    if args.flow == "pipeline":
-        if args.overrides:
-            parser.error("--set is for `run retrain` (it runs `dvc exp run -S ...`)")
-        print(json.dumps(pipeline_flow(params_path=args.params, stages=args.stages)))
-    else:
-        result = retrain_flow(params_path=args.params, overrides=_overrides(args.overrides) or None,
-                              stages=args.stages, promote=not args.no_promote)
-        print(json.dumps(result, indent=2, default=str))
+    try:
+        if args.flow == "pipeline":
+            result: Any = pipeline_flow(params_path=args.params, stages=args.stages)
+        else:
+            result = retrain_flow(params_path=args.params, overrides=_overrides(args.overrides) or None,
+                                  stages=args.stages, promote=not args.no_promote)
+    except Exception as exc:  # the flow's log above has the details
+        print(f"flows: {args.flow} failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2, default=str))
     return 0
 
 

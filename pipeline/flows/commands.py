@@ -9,8 +9,10 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -52,6 +54,21 @@ def select_stages(available: Sequence[str], wanted: Optional[Sequence[str]], sou
     return [s for s in available if s in set(wanted)]
 
 
+def resolve_program(cmd: Sequence[str]) -> list[str]:
+    """``cmd`` with a bare program name (``dvc``) found on PATH or, failing that, next to this Python
+    (an unactivated virtual environment); raises ``FileNotFoundError`` saying what to install/activate."""
+    cmd = list(cmd)
+    if not cmd:
+        raise ValueError("empty command")
+    if os.sep in cmd[0] or shutil.which(cmd[0]):
+        return cmd
+    sibling = Path(sys.executable).with_name(cmd[0])
+    if sibling.is_file() and os.access(sibling, os.X_OK):
+        return [str(sibling), *cmd[1:]]
+    raise FileNotFoundError(f"{cmd[0]!r} is not on PATH nor next to {sys.executable}: install it in this "
+                            "environment (pip install dvc) or activate the environment that has it")
+
+
 def stage_command(template: Sequence[str], stage: str) -> list[str]:
     """``template`` with ``{stage}`` substituted in every word."""
     return [word.replace("{stage}", stage) for word in template]
@@ -75,7 +92,7 @@ def stream_command(cmd: Sequence[str], cwd: str | Path, on_line: Callable[[str],
     ``progress_interval_s``. If the caller is interrupted, the child's whole process group is terminated.
     """
     full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(list(cmd), cwd=str(cwd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(resolve_program(cmd), cwd=str(cwd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, env=full_env, start_new_session=True)
     assert proc.stdout is not None
     buf = b""
@@ -129,4 +146,4 @@ def describe(cmd: Sequence[str]) -> str:
 
 
 __all__ = ["DEFAULT_EXP", "DEFAULT_REPRO", "StageFailed", "describe", "dvc_stages", "exp_command",
-           "select_stages", "stage_command", "stream_command"]
+           "resolve_program", "select_stages", "stage_command", "stream_command"]

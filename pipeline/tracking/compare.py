@@ -85,22 +85,34 @@ def bar_chart(comp: Comparison, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    prefix, labels = _split_common(comp.metrics)
     n_runs, n_metrics = max(len(comp.rows), 1), max(len(comp.metrics), 1)
     width = 0.8 / n_runs
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * n_metrics * max(1, n_runs / 2)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * n_metrics * max(1.0, n_runs / 2)), 4.5))
     for i, row in enumerate(comp.rows):
         xs = [j + (i - (n_runs - 1) / 2) * width for j in range(len(comp.metrics))]
         ys = [row.values.get(m) for m in comp.metrics]
-        ax.bar(xs, [0.0 if y is None else y for y in ys], width=width, label=row.label)
+        ok = [y is not None and math.isfinite(y) for y in ys]
+        bars = ax.bar(xs, [y if good else 0.0 for y, good in zip(ys, ok)], width=width, label=row.label)
+        ax.bar_label(bars, labels=[_fmt(y) if good else "n/a" for y, good in zip(ys, ok)], fontsize=6)
     ax.set_xticks(range(len(comp.metrics)))
-    ax.set_xticklabels([m.replace(".", "\n", 1) for m in comp.metrics], fontsize=7)
-    ax.set_title(comp.title, fontsize=9)
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_title(comp.title + (f"\n{prefix}" if prefix else ""), fontsize=9)
     if comp.rows:
         ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+
+
+def _split_common(metrics: Sequence[str]) -> tuple[str, list[str]]:
+    """Common leading dotted parts (shown once) and the remaining per-metric labels, one part per line."""
+    parts = [m.split(".") for m in metrics]
+    n = 0
+    while parts and all(len(p) > n + 1 and p[n] == parts[0][n] for p in parts):
+        n += 1
+    return ".".join(parts[0][:n]) if parts else "", ["\n".join(p[n:]) for p in parts]
 
 
 def write(comp: Comparison, out_dir: Path) -> dict[str, Path]:

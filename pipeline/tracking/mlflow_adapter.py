@@ -15,22 +15,21 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 import pipeline  # noqa: F401  (sets MLflow's offline switches before mlflow is imported)
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException, RestException
+from mlflow.exceptions import MlflowException
 
 from pipeline import PROJECT_ROOT
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pipeline.config import Params, TrackingConfig
+    from pipeline.config import TrackingConfig
     from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
@@ -70,12 +69,17 @@ class ModelVersionRef:
 
 
 def resolve_tracking_uri(configured: str = "", root: Path = PROJECT_ROOT) -> str:
-    """``configured`` or env ``MLFLOW_TRACKING_URI`` or ``sqlite:///<root>/mlflow.db`` (absolute)."""
+    """``configured`` or env ``MLFLOW_TRACKING_URI`` or ``sqlite:///<root>/mlflow.db`` (absolute).
+
+    Inside ``dvc exp run`` (also ``--temp``/``--queue``, which run in a throw-away copy) DVC sets env
+    ``DVC_ROOT`` to the real project root, which then wins over ``root``.
+    """
     if configured:
         return configured
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(Path(root) / 'mlflow.db').resolve()}"
+    root = Path(os.environ.get("DVC_ROOT") or root)
+    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
 def default_artifact_location(tracking_uri: str) -> str | None:
@@ -293,8 +297,10 @@ class Tracker:
         """The version of ``name`` holding ``alias``, or None (no such model or alias)."""
         try:
             return _version_ref(self.client.get_model_version_by_alias(name, alias))
-        except (MlflowException, RestException):
-            return None
+        except MlflowException as exc:
+            if _absent(exc):
+                return None
+            raise  # e.g. the server is unreachable: never mistake that for "no champion"
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)
@@ -310,8 +316,10 @@ class Tracker:
         """alias -> version of registered model ``name`` ({} if absent)."""
         try:
             return {k: str(v) for k, v in (self.client.get_registered_model(name).aliases or {}).items()}
-        except (MlflowException, RestException):
-            return {}
+        except MlflowException as exc:
+            if _absent(exc):
+                return {}
+            raise
 
     def load_model(self, model_uri: str) -> Any:
         """Load a logged PyTorch model back (``models:/name@alias`` or ``models:/m-...``)."""
@@ -321,9 +329,10 @@ class Tracker:
         mlflow.set_registry_uri(self.tracking_uri)
         return mlflow.pytorch.load_model(model_uri, map_location="cpu")
 
-    def download_artifacts(self, run_id: str, path: str, dest: Path) -> Path:
-        dest.mkdir(parents=True, exist_ok=True)
-        return Path(self.client.download_artifacts(run_id, path, str(dest)))
+
+def _absent(exc: MlflowException) -> bool:
+    """A "no such registered model / alias" answer (sqlite and REST stores alike)."""
+    return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") and "not found" in str(exc)
 
 
 def _quote(value: str) -> str:
@@ -341,11 +350,6 @@ def _ref(run: Any) -> RunRef:
 def _version_ref(mv: Any) -> ModelVersionRef:
     return ModelVersionRef(name=mv.name, version=str(mv.version), run_id=mv.run_id, source=mv.source,
                            tags=dict(mv.tags or {}))
-
-
-def temp_dir() -> Path:
-    """A scratch folder for downloads (caller removes it)."""
-    return Path(tempfile.mkdtemp(prefix="stable-sam-mlflow-"))
 
 
 __all__ = ["ModelVersionRef", "ParamConflictError", "RunRef", "Tracker", "default_artifact_location",

@@ -26,6 +26,7 @@ class DistContext:
     world_size: int
     local_rank: int
     device: torch.device
+    owns_group: bool = False  # this process created the process group (and destroys it in shutdown)
 
     @property
     def distributed(self) -> bool:
@@ -53,18 +54,20 @@ def init_distributed(device_preference: str = "auto", timeout_s: float = 1800.0)
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_preference, local_rank)
+    owns = False
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s))
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+        owns = True
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, owns_group=owns)
 
 
 def shutdown(ctx: DistContext) -> None:
-    """Leave the process group (no-op for a single process)."""
-    if ctx.distributed and dist.is_initialized():
+    """Leave the process group if :func:`init_distributed` created it (no-op for a single process)."""
+    if ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -96,14 +99,19 @@ def all_reduce_gradients(params: Sequence[torch.Tensor], ctx: DistContext) -> No
         offset += n
 
 
-def all_reduce_mean(value: float, ctx: DistContext) -> float:
-    """The mean of a Python float over ranks (for logging)."""
+def all_reduce_sum(values: Sequence[float], ctx: DistContext) -> list[float]:
+    """Element-wise sums of Python floats over ranks (one small all-reduce; identity for one process)."""
     if not ctx.distributed:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64,
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64,
                      device=ctx.device if ctx.device.type == "cuda" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t.item()) / ctx.world_size
+    return [float(v) for v in t.tolist()]
+
+
+def all_reduce_mean(value: float, ctx: DistContext) -> float:
+    """The mean of a Python float over ranks (for logging)."""
+    return all_reduce_sum([value], ctx)[0] / ctx.world_size
 
 
 def all_gather_object(obj: Any, ctx: DistContext) -> list[Any]:

@@ -30,7 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
+from tqdm import tqdm
 
+from pipeline.common.hashing import sha256_file
 from pipeline.common.atomic import atomic_path, atomic_write_json, atomic_write_text
 from pipeline.config import Params
 from pipeline.data import rle
@@ -303,6 +305,9 @@ def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[
                 diffs.append(f"{section}.{key}: checkpoint {a.get(key)!r} vs now {b.get(key)!r}")
     if saved.get("seed") != current.get("seed"):
         diffs.append(f"seed: checkpoint {saved.get('seed')!r} vs now {current.get('seed')!r}")
+    for key in ("base_sha256", "prompts_sha256"):  # the data the run was trained on
+        if saved.get("inputs", {}).get(key) != current.get("inputs", {}).get(key):
+            diffs.append(f"{key}: checkpoint {saved.get('inputs', {}).get(key)!r} vs now {current['inputs'].get(key)!r}")
     return diffs
 
 
@@ -323,27 +328,33 @@ def train(
     out: Path,
     metrics: Path,
     plots: Path,
-    resume: bool = False,
+    resume: bool | str = False,
     stop_after: int | None = None,
+    checkpoints: Path | None = None,
 ) -> dict[str, Any]:
     """Train ``method``; write ``<out>/<method>.pt``, ``<metrics>/<method>.json``, ``<plots>/<method>_loss.{csv,png}``.
 
-    ``resume`` continues from ``<out>/<method>.ckpt`` when it exists. ``stop_after`` (tests) simulates
+    ``resume`` continues from ``<checkpoints>/<method>.ckpt`` (``checkpoints`` defaults to ``out``) when it
+    exists; a checkpoint of a changed run is an error, or with ``resume="auto"`` is set aside (logged) and
+    training starts over, which is what ``dvc repro`` wants after ``dvc exp run -S train.lr=...``. ``stop_after`` (tests) simulates
     an interruption: the run checkpoints at that step and returns ``{"stopped_at": step}`` without
-    writing the final outputs. Returns the metrics dict.
+    writing the final outputs. Returns the metrics dict (``final_loss`` = mean loss of the last 10 steps,
+    ``sanity_iou`` = mean IoU of SANITY_TYPES prompts on the first training views, before/after).
     """
     embeddings, prompts, base, out, metrics, plots = map(Path, (embeddings, prompts, base, out, metrics, plots))
     cfg = params.train
     ctx = ddp.init_distributed(cfg.device)
     try:
         return _train(params, method, ctx, embeddings=embeddings, prompts=prompts, base=base, out=out,
-                      metrics=metrics, plots=plots, resume=resume, stop_after=stop_after)
+                      metrics=metrics, plots=plots, resume=resume, stop_after=stop_after,
+                      checkpoints=Path(checkpoints) if checkpoints is not None else out)
     finally:
         ddp.shutdown(ctx)
 
 
 def _train(params: Params, method: str, ctx: ddp.DistContext, *, embeddings: Path, prompts: Path, base: Path,
-           out: Path, metrics: Path, plots: Path, resume: bool, stop_after: int | None) -> dict[str, Any]:
+           out: Path, metrics: Path, plots: Path, resume: bool | str, stop_after: int | None,
+           checkpoints: Path) -> dict[str, Any]:
     cfg = params.train
     device = ctx.device
     sam, info = load_base(base)
@@ -357,7 +368,9 @@ def _train(params: Params, method: str, ctx: ddp.DistContext, *, embeddings: Pat
     model = build_method(method, sam, params.plugin)
     trainable = model.trainable_parameters()
     n_trainable = int(model.num_trainable)
-    config = {**params.to_dict(), "method": method}
+    config = {**params.to_dict(), "method": method,
+              "inputs": {"base_sha256": str(info.get("checkpoint_sha256")),
+                         "prompts_sha256": sha256_file(prompts) if Path(prompts).is_file() else None}}
     plugin_path = out / f"{method}.pt"
     metrics_path = metrics / f"{method}.json"
     if n_trainable == 0:  # `sam`: nothing to train; publish an empty plugin so evaluation is uniform
@@ -389,7 +402,7 @@ def _train(params: Params, method: str, ctx: ddp.DistContext, *, embeddings: Pat
     stream = BatchStream(params, embeddings, table, frame, ctx, local_batch)
     per_epoch = stream.batches_per_epoch(0)
     total_steps = _total_steps(params, per_epoch)
-    ckpt_path = out / f"{method}.ckpt"
+    ckpt_path = checkpoints / f"{method}.ckpt"
     step, history, seconds_before, skipped = 0, [], 0.0, 0
     items = sanity_items(embeddings, frame) if ctx.is_main else []
     sanity_before: dict[str, float] = {}
@@ -400,9 +413,12 @@ def _train(params: Params, method: str, ctx: ddp.DistContext, *, embeddings: Pat
             diffs.append(f"method: checkpoint {ckpt.get('method')!r} vs now {method!r}")
         if ckpt.get("world_size") != ctx.world_size:
             diffs.append(f"world size: checkpoint {ckpt.get('world_size')} vs now {ctx.world_size}")
-        if diffs:
+        if diffs and resume != "auto":
             raise ValueError(f"{ckpt_path}: cannot resume, the run changed: " + "; ".join(diffs)
                              + ". Restore those params, or run without --resume to start over.")
+    if resume and ckpt_path.is_file() and diffs:
+        log.info("%s belongs to another run (%s): starting %s over", ckpt_path, "; ".join(diffs), method)
+    elif resume and ckpt_path.is_file():
         model.load_plugin_state_dict(ckpt["plugin"])
         opt.load_state_dict(ckpt["optimizer"])
         step, history = int(ckpt["step"]), [list(h) for h in ckpt["history"]]
@@ -430,20 +446,24 @@ def _train(params: Params, method: str, ctx: ddp.DistContext, *, embeddings: Pat
     log.info("%s: %d trainable parameters, %d steps of %d (%d per rank, %d rank(s)), %d batches per epoch, on %s",
              method, n_trainable, total_steps, cfg.batch_size, local_batch, ctx.world_size, per_epoch, device)
     t0 = time.perf_counter()
-    from tqdm import tqdm
-
     bar = tqdm(total=total_steps, initial=step, desc=f"train {method}", unit="step", disable=not ctx.is_main)
     batches = iter(stream)
     while step < total_steps:
         samples = next(batches)
-        skipped += sum(s.prompt is None for s in samples)
         opt.zero_grad(set_to_none=True)
         loss_sum, count = batch_loss(model, samples, params, device)
-        (loss_sum / max(count, 1)).backward()
-        ddp.all_reduce_gradients(trainable, ctx)
-        opt.step()
+        # Normalise by the GLOBAL number of valid samples: with gradients averaged over ranks, the update
+        # equals one process's mean over the whole batch even when ranks skipped different samples.
+        global_loss, global_count, global_skipped = ddp.all_reduce_sum(
+            [loss_sum.item(), count, sum(s.prompt is None for s in samples)], ctx)
+        skipped += int(global_skipped)
+        if global_count > 0:  # else: a batch of skipped samples only; no update on any rank
+            if count > 0:
+                (loss_sum * (ctx.world_size / global_count)).backward()
+            ddp.all_reduce_gradients(trainable, ctx)
+            opt.step()
         step += 1
-        loss = ddp.all_reduce_mean(loss_sum.item() / max(count, 1), ctx)
+        loss = global_loss / max(global_count, 1)
         history.append([step, loss, opt.param_groups[0]["lr"]])
         elapsed = seconds_before + time.perf_counter() - t0
         bar.update(1)
