@@ -386,6 +386,15 @@ class Params:
     tracking: TrackingConfig
     schedule: ScheduleConfig
 
+    def validate(self) -> None:
+        """Every method named in train/evaluate exists (a missing plugin file is caught by the evaluate stage)."""
+        from pipeline.modeling.methods import METHODS
+
+        for key, names in (("train.methods", self.train.methods), ("evaluate.methods", self.evaluate.methods)):
+            for name in names:
+                if name not in METHODS:
+                    raise ConfigError(f"{key}: unknown method {name!r}; known: {', '.join(METHODS)}")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), e.g. for logging or a checkpoint's config."""
         return _plain(dataclasses.asdict(self))

@@ -33,12 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", type=Path, required=True, help="frozen base model folder (base stage output)")
     parser.add_argument("--out", type=Path, required=True, help="embedding cache folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--on-stale", choices=("refuse", "rebuild"), default="refuse",
+                        help="shards made by another checkpoint/preprocessing/views: refuse (default) or "
+                             "discard them and re-embed (dvc.yaml uses rebuild: DVC re-runs embed only when "
+                             "a dependency changed)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         params = load_params(args.params)
         with logging_redirect_tqdm():
-            cache = run_embed(params, args.views, args.root, args.base, args.out, progress=not args.quiet)
+            cache = run_embed(params, args.views, args.root, args.base, args.out, progress=not args.quiet,
+                              on_stale=args.on_stale)
     except (ConfigError, FileNotFoundError, StaleCacheError, ViewRenderError, DecodeError, ValueError) as exc:
         print(f"embed: error: {exc}", file=sys.stderr)
         return 2

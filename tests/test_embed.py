@@ -117,7 +117,8 @@ def test_killed_run_resumes_to_byte_identical_shards(tmp_path: Path) -> None:
     pq.write_table(views, tmp_path / "views.parquet")
     whole, parted = tmp_path / "whole", tmp_path / "parted"
     embed_views(views, tmp_path, tiny_sam(), INFO, whole, embed_cfg(), progress=False)
-    env = {**os.environ, EXIT_AFTER_SHARDS_ENV: "2", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # same intra-op thread count as this process: float sums must be ordered alike to be byte-identical
+    env = {**os.environ, EXIT_AFTER_SHARDS_ENV: "2", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(tmp_path), str(parted)], cwd=PROJECT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 17, proc.stderr[-2000:]
@@ -196,3 +197,21 @@ def test_stage_clis_views_then_embed_and_refuse_another_base(tmp_path: Path, cap
     assert embed_main(args + ["--base", str(base(1))]) == 2
     err = capsys.readouterr().err
     assert "were made by checkpoint" in err and f"delete {tmp_path / 'emb'}" in err
+
+
+def test_rebuild_mode_discards_stale_shards_never_mixes(tmp_path: Path) -> None:
+    """What `dvc repro` does after the checkpoint changed: stale shards are deleted and re-embedded."""
+    views = make_views(tmp_path, n_train=2, n_eval=1)
+    out = tmp_path / "emb"
+    sam = tiny_sam()
+    embed_views(views, tmp_path, sam, INFO, out, embed_cfg(), progress=False)
+    other = {**INFO, "checkpoint_sha256": "cd" * 32}
+    cache = embed_views(views, tmp_path, sam, other, out, embed_cfg(), progress=False, on_stale="rebuild")
+    assert cache["checkpoint_sha256"] == "cd" * 32
+    for shard in out.glob("*/*/part-*.parquet"):
+        meta = json.loads(pq.read_schema(shard).metadata[META_KEY])
+        assert meta["checkpoint_sha256"] == "cd" * 32
+    # and the rebuilt cache equals a fresh one made with that checkpoint
+    fresh = tmp_path / "fresh"
+    embed_views(views, tmp_path, sam, other, fresh, embed_cfg(), progress=False)
+    assert shard_bytes(out) == shard_bytes(fresh)

@@ -117,29 +117,41 @@ def _refusal(out: Path, what: str) -> StaleCacheError:
                            "(the cache is resumable, so DVC keeps it between runs)")
 
 
-def check_existing(out: str | os.PathLike[str], plans: list[ShardPlan], meta: CacheMeta) -> set[str]:
+def check_existing(out: str | os.PathLike[str], plans: list[ShardPlan], meta: CacheMeta,
+                   on_stale: str = "refuse") -> set[str]:
     """Validate what a previous run left in ``out``; returns the relative paths of reusable shards.
 
-    Raises :class:`StaleCacheError` for any shard (or CACHE.json) made by another base model,
-    preprocessing or format, or from other views. Removes our own temporary files of killed runs.
+    A shard (or CACHE.json) made by another base model, preprocessing or format, or from other views,
+    raises :class:`StaleCacheError` (``on_stale="refuse"``), or is deleted with a logged reason
+    (``on_stale="rebuild"``, what ``dvc repro`` uses once DVC has seen a dependency change): stale
+    shards are never mixed with new ones. Removes our own temporary files of killed runs.
     """
     out = Path(out)
     planned = {p.rel(): p for p in plans}
+
+    def stale(path: Path, what: str) -> None:
+        if on_stale != "rebuild":
+            raise _refusal(out, what)
+        log.warning("discarding stale %s: %s", path, what)
+        path.unlink()
+
     cache_file = out / CACHE_FILE
     if cache_file.is_file():
         diffs = meta.differences(CacheMeta.from_dict(json.loads(cache_file.read_text())))
         if diffs:
-            raise _refusal(out, diffs[0])
+            stale(cache_file, diffs[0])
     done: set[str] = set()
     for f in sorted(out.glob("*/*/part-*.parquet")):
         rel = f.relative_to(out).as_posix()
         found = read_shard_meta(f)
         diffs = meta.differences(CacheMeta.from_dict(found))
         if diffs:
-            raise _refusal(out, f"({rel}) {diffs[0]}")
+            stale(f, f"({rel}) {diffs[0]}")
+            continue
         plan = planned.get(rel)
         if plan is None or found.get("views_sha256") != plan.views_sha256 or found.get("rows") != plan.rows:
-            raise _refusal(out, f"({rel}) were made from different views (views.parquet changed)")
+            stale(f, f"({rel}) were made from different views (views.parquet changed)")
+            continue
         done.add(rel)
     for tmp in out.glob("*/*/.part-*.tmp"):
         tmp.unlink()
@@ -236,8 +248,11 @@ def embed_views(
     cfg: EmbedConfig,
     *,
     progress: bool = True,
+    on_stale: str = "refuse",
 ) -> dict[str, Any]:
     """Embed every row of ``views`` into ``out`` (resuming); returns the CACHE.json contents.
+
+    ``on_stale``: what to do with shards made by another base/preprocessing/views (see check_existing).
 
     ``sam`` is a frozen SAM (only ``sam.image_encoder`` is used); ``info`` its base info
     (variant, checkpoint_sha256, img_size, grid, channels).
@@ -250,7 +265,7 @@ def embed_views(
     _check_view_ids(views)
     _warn_canvas(views, meta.img_size)
     plans = plan_shards(views, cfg.shard_rows)
-    done = check_existing(out, plans, meta)
+    done = check_existing(out, plans, meta, on_stale)
     todo = [(k, p) for k, p in enumerate(plans) if p.rel() not in done]
     if todo:
         (out / CACHE_FILE).unlink(missing_ok=True)  # the cache is incomplete until CACHE.json is rewritten
@@ -358,12 +373,14 @@ def run_embed(
     out: str | os.PathLike[str],
     *,
     progress: bool = True,
+    on_stale: str = "refuse",
 ) -> dict[str, Any]:
     """The stage: load the frozen base (``load_base``) and :func:`embed_views` every view."""
     from pipeline.modeling.backbones import load_base  # noqa: PLC0415
 
     sam, info = load_base(Path(base_dir))
-    return embed_views(read_views(views_path), root, sam, info, out, params.embed, progress=progress)
+    return embed_views(read_views(views_path), root, sam, info, out, params.embed, progress=progress,
+                       on_stale=on_stale)
 
 
 __all__ = [

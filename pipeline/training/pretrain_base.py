@@ -173,8 +173,12 @@ def quick_eval(sam: Sam, pool: Pool, batch: int = 16) -> dict[str, float]:
 
 
 def pretrain(cfg: BasePretrainConfig, gen_cfg: GenerateConfig, out: Path, *, resume: bool = True,
-             holdout: int = 96, log_every: int = 50, eval_every: int = 250) -> dict:
-    """Train the tiny SAM on clean prompts; writes ``out`` (state dict) and ``out.json`` (quality)."""
+             holdout: int = 96, log_every: int = 50, eval_every: int = 250, stop_after: int | None = None) -> dict:
+    """Train the tiny SAM on clean prompts; writes ``out`` (state dict) and ``out.json`` (quality).
+
+    Every ``eval_every`` steps it scores the held-out scenes and saves ``out`` plus a resumable
+    ``out.train-state.pt``; ``stop_after`` (tests) checkpoints at that step and returns, like a killed run.
+    """
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -249,6 +253,10 @@ def pretrain(cfg: BasePretrainConfig, gen_cfg: GenerateConfig, out: Path, *, res
             history.append({"step": step, **quality})
             tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.1f}" for k, v in quality.items()))
             _save(sam, opt, gen, step, history, out, state_path)
+        if stop_after is not None and step == stop_after:
+            _save(sam, opt, gen, step, history, out, state_path)
+            bar.close()
+            return {"stopped_at": step}
     bar.close()
     quality = quick_eval(sam, held)
     report = {"steps": step, "holdout_images": holdout, "holdout_miou_lowres": quality, "history": history,
