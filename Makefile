@@ -36,7 +36,8 @@ test-quick: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q -m "not slow"
 
 bench: setup
-	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	for b in embed parquet_read rss_scaling train_cache plugin_latency; do \
+	  echo "== benchmarks/$$b.py"; $(BIN)/python -m benchmarks.$$b || exit 1; done
 
 clean-state:
 	rm -rf mlflow.db mlruns .prefect

@@ -42,11 +42,13 @@ def decode_with_alpha(
     image_pe: Tensor,
     sparse: Tensor,
     dense: Tensor,
-    multimask_output: bool,
+    multimask_output: Optional[bool],
     transformer: Optional[nn.Module] = None,
 ) -> DecodeResult:
     """Like :func:`decode`, also returning α from a patched ``transformer`` (one returning 3 values).
 
+    ``multimask_output=None`` returns all four outputs ``[B, 4, 4g, 4g]`` (single-mask token first), which
+    SAM-style pre-training needs (pipeline/training/pretrain_base.py).
     ``transformer`` defaults to ``sam_decoder.transformer``; any module with the call signature
     ``(src (B, C, g, g), pos (B, C, g, g), tokens (B, T, C)) -> (tokens, src (B, g*g, C)[, α (B, 2)])``.
     """
@@ -73,7 +75,10 @@ def decode_with_alpha(
     masks = (hyper_in @ upscaled.view(ub, uc, uh * uw)).view(ub, -1, uh, uw)
     iou_pred = dec.iou_prediction_head(iou_token_out)
 
-    mask_slice = slice(1, None) if multimask_output else slice(0, 1)
+    if multimask_output is None:
+        mask_slice = slice(None)
+    else:
+        mask_slice = slice(1, None) if multimask_output else slice(0, 1)
     return DecodeResult(masks[:, mask_slice], iou_pred[:, mask_slice], hs, alpha)
 
 

@@ -33,6 +33,7 @@ from pipeline.common.atomic import atomic_path, atomic_write_json
 from pipeline.config import BasePretrainConfig, GenerateConfig
 from pipeline.data.synthetic import generate_sample
 from pipeline.modeling.backbones import build_tiny
+from pipeline.modeling.decoder import decode_with_alpha
 from pipeline.modeling.transforms import mask_to_input_frame, preprocess
 
 # train sets of the embedded default: 2 "thin" (DIS5K-TR, ThinObject5K-TR) of 7
@@ -84,17 +85,8 @@ def normalise(images: torch.Tensor, in_frame: bool = True) -> torch.Tensor:
 
 def batched_decode(sam: Sam, emb: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """B embeddings, one prompt each -> (all 4 masks ``[B, 4, 4g, 4g]``, IoU predictions ``[B, 4]``)."""
-    dec = sam.mask_decoder
-    b = emb.shape[0]
-    out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], 0).unsqueeze(0).expand(b, -1, -1)
-    tokens = torch.cat([out_tokens, sparse], 1)
-    pe = sam.prompt_encoder.get_dense_pe().expand(b, -1, -1, -1)
-    hs, src = dec.transformer(emb + dense, pe, tokens)
-    c, g = emb.shape[1], emb.shape[-1]
-    up = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, g, g))
-    hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], 1)
-    masks = (hyper @ up.flatten(2)).view(b, -1, up.shape[-2], up.shape[-1])
-    return masks, dec.iou_prediction_head(hs[:, 0])
+    res = decode_with_alpha(sam.mask_decoder, emb, sam.prompt_encoder.get_dense_pe(), sparse, dense, None)
+    return res.low_res_logits, res.iou_pred
 
 
 def boxes_from(hi: torch.Tensor) -> torch.Tensor:
