@@ -134,6 +134,18 @@ def test_resume_is_exact(ws):
         run(ws, "stable_sam", "resumed", params=replace(ws["params"], **{"train.lr": 0.5}), resume=True)
 
 
+def test_auto_resume_starts_over_when_the_run_changed(ws):
+    """`dvc repro` passes --resume auto: a stale checkpoint (other lr) is set aside, not resumed."""
+    other = replace(ws["params"], **{"train.lr": 5e-3})
+    run(ws, "stable_sam", "auto", stop_after=2, checkpoints=ws["tmp"] / "ck")
+    auto = run(ws, "stable_sam", "auto", params=other, resume="auto", checkpoints=ws["tmp"] / "ck")
+    fresh = run(ws, "stable_sam", "fresh", params=other)
+    a, b = plugin(ws, "auto")["state_dict"], plugin(ws, "fresh")["state_dict"]
+    assert auto["steps"] == 4 and all(torch.equal(a[k], b[k]) for k in a)
+    assert (ws["tmp"] / "ck" / "stable_sam.ckpt").is_file()
+    assert not (ws["tmp"] / "auto" / "plugins" / "stable_sam.ckpt").exists()
+
+
 def test_sam_method_writes_an_empty_plugin_and_pt_sam_trains(ws):
     res = run(ws, "sam", "sam")
     assert res["trainable_params"] == 0 and res["steps"] == 0

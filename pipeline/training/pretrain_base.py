@@ -34,7 +34,7 @@ from pipeline.config import BasePretrainConfig, GenerateConfig
 from pipeline.data.synthetic import generate_sample
 from pipeline.modeling.backbones import build_tiny
 from pipeline.modeling.decoder import decode_with_alpha
-from pipeline.modeling.transforms import mask_to_input_frame, preprocess
+from pipeline.modeling.transforms import PIXEL_MEAN, PIXEL_STD, mask_to_input_frame, preprocess
 
 # train sets of the embedded default: 2 "thin" (DIS5K-TR, ThinObject5K-TR) of 7
 THIN_FRACTION = 2 / 7
@@ -58,8 +58,8 @@ def build_pool(n: int, seed_tag: int, cfg: BasePretrainConfig, gen: GenerateConf
     images = torch.zeros(n, 3, s, s, dtype=torch.uint8)
     targets = torch.zeros(n, lo, lo)
     hi = torch.zeros(n, s, s, dtype=torch.bool)
-    mean = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
-    std = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
     for i in tqdm(range(n), desc=f"render pool ({n})", unit="img"):
         rng = np.random.default_rng([cfg.seed, seed_tag, i])
         st = style or ("thin" if rng.random() < THIN_FRACTION else "salient")
@@ -74,10 +74,10 @@ def build_pool(n: int, seed_tag: int, cfg: BasePretrainConfig, gen: GenerateConf
     return Pool(images, targets, hi)
 
 
-def normalise(images: torch.Tensor, in_frame: bool = True) -> torch.Tensor:
+def normalise(images: torch.Tensor) -> torch.Tensor:
     """uint8 ``[B, 3, S, S]`` -> SAM-normalised float (padding stays 0 after normalisation, as in SAM)."""
-    mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
-    std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+    mean = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
     x = (images.float() - mean) / std
     pad = images.sum(1, keepdim=True) == 0
     return x.masked_fill(pad, 0.0)

@@ -406,8 +406,9 @@ def _train(params: Params, method: str, ctx: ddp.DistContext, *, embeddings: Pat
     step, history, seconds_before, skipped = 0, [], 0.0, 0
     items = sanity_items(embeddings, frame) if ctx.is_main else []
     sanity_before: dict[str, float] = {}
-    if resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
+    diffs: list[str] = []
+    if ckpt is not None:
         diffs = _config_differences(ckpt["config"], config)
         if ckpt.get("method") != method:
             diffs.append(f"method: checkpoint {ckpt.get('method')!r} vs now {method!r}")
@@ -416,9 +417,9 @@ def _train(params: Params, method: str, ctx: ddp.DistContext, *, embeddings: Pat
         if diffs and resume != "auto":
             raise ValueError(f"{ckpt_path}: cannot resume, the run changed: " + "; ".join(diffs)
                              + ". Restore those params, or run without --resume to start over.")
-    if resume and ckpt_path.is_file() and diffs:
+    if ckpt is not None and diffs:
         log.info("%s belongs to another run (%s): starting %s over", ckpt_path, "; ".join(diffs), method)
-    elif resume and ckpt_path.is_file():
+    elif ckpt is not None:
         model.load_plugin_state_dict(ckpt["plugin"])
         opt.load_state_dict(ckpt["optimizer"])
         step, history = int(ckpt["step"]), [list(h) for h in ckpt["history"]]
