@@ -18,6 +18,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from pipeline.data.layout import SETS_BY_NAME
+from pipeline.modeling.specs import METHODS
 
 
 class ConfigError(ValueError):
@@ -109,9 +110,13 @@ class BasePretrainConfig:
     batch_size: int
     lr: float
     images: int
+    thin_fraction: float
+    mask_prompt_p: float
 
     def validate(self) -> None:
         _positive("base_pretrain.grid", self.grid)
+        _probability("base_pretrain.thin_fraction", self.thin_fraction)
+        _probability("base_pretrain.mask_prompt_p", self.mask_prompt_p)
         if self.img_size % self.grid:
             raise ConfigError("base_pretrain.img_size must be a multiple of base_pretrain.grid")
         for key in ("steps", "batch_size", "images"):
@@ -242,9 +247,14 @@ class TrainConfig:
     num_workers: int
     shuffle_buffer: int
     ddp_partition: Literal["rows", "row_groups"]
+    lr_schedule: Literal["constant", "cosine"]
+    warmup_steps: int
+    sanity_views: int
 
     def validate(self) -> None:
         _positive("train.lr", self.lr)
+        _non_negative("train.warmup_steps", self.warmup_steps)
+        _non_negative("train.sanity_views", self.sanity_views)
         _non_negative("train.weight_decay", self.weight_decay)
         _probability("train.beta1", self.beta1)
         _probability("train.beta2", self.beta2)
@@ -258,6 +268,16 @@ class TrainConfig:
         _positive("train.checkpoint_every", self.checkpoint_every)
         _non_negative("train.num_workers", self.num_workers)
         _positive("train.shuffle_buffer", self.shuffle_buffer)
+
+
+@dataclass(frozen=True)
+class SeedsConfig:
+    extra: tuple[int, ...]
+    methods: tuple[str, ...]
+
+    def validate(self) -> None:
+        if len(set(self.extra)) != len(self.extra):
+            raise ConfigError(f"seeds.extra: repeated seeds {list(self.extra)}")
 
 
 COCO_ENTRY_KEYS = ("name", "images", "annotations", "box_source", "detections")
@@ -336,7 +356,6 @@ class TrackingConfig:
     registered_model: str
     promote_metric: str
     promote_margin: float
-    model_format: Literal["auto", "pt2", "pickle"]
     headline_metrics: tuple[str, ...]
 
     def validate(self) -> None:
@@ -381,6 +400,7 @@ class Params:
     prompts: PromptsConfig
     plugin: PluginConfig
     train: TrainConfig
+    seeds: SeedsConfig
     evaluate: EvaluateConfig
     report: ReportConfig
     tracking: TrackingConfig
@@ -388,12 +408,16 @@ class Params:
 
     def validate(self) -> None:
         """Every method named in train/evaluate exists (a missing plugin file is caught by the evaluate stage)."""
-        from pipeline.modeling.methods import METHODS
-
         for key, names in (("train.methods", self.train.methods), ("evaluate.methods", self.evaluate.methods)):
             for name in names:
                 if name not in METHODS:
                     raise ConfigError(f"{key}: unknown method {name!r}; known: {', '.join(METHODS)}")
+        for name in self.seeds.methods:
+            if name not in self.train.methods or name not in self.evaluate.methods:
+                raise ConfigError(f"seeds.methods: {name!r} must also be in train.methods and evaluate.methods "
+                                  "(its first seed is the pipeline's own run)")
+        if self.seed in self.seeds.extra:
+            raise ConfigError(f"seeds.extra: {self.seed} is the pipeline's own `seed`; list only the other seeds")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), e.g. for logging or a checkpoint's config."""

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     if args.steps:
         params = replace(params, **{"base_pretrain.steps": args.steps})
-    report = pretrain(params.base_pretrain, params.generate, Path(args.out), resume=not args.no_resume)
+    report = pretrain(params.base_pretrain, params.generate, params.prompts, Path(args.out), resume=not args.no_resume)
     print(json.dumps(report["holdout_miou_lowres"], indent=2))
     print(f"{args.out}: sha256 {sha256_file(args.out)} (put it in pipeline/modeling/backbones.py TINY_SHA256)")
 

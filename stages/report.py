@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=None, help="HQSeg-44K dataset root (gallery images)")
     parser.add_argument("--metrics", type=Path, required=True, help="aggregated metrics JSON to write (metrics/eval.json)")
     parser.add_argument("--headline", type=Path, default=None, help="headline metrics JSON (default: headline.json next to --metrics)")
+    parser.add_argument("--seeds", type=Path, default=None, help="metrics/seeds.json of the seeds stage (optional)")
     parser.add_argument("--plots", type=Path, required=True, help="folder for PNG + CSV plots (plots/eval)")
     parser.add_argument("--report", type=Path, required=True, help="Markdown summary to write (reports/summary.md)")
     args = parser.parse_args(argv)
@@ -36,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_params(args.params)
         result = build_report(cfg, args.eval_dir, args.predictions, args.prompts, args.index, args.root,
-                              args.metrics, args.plots, args.report, out_headline=args.headline)
+                              args.metrics, args.plots, args.report, out_headline=args.headline,
+                              seeds_json=args.seeds)
     except (ConfigError, ReportError) as exc:
         print(f"report: error: {exc}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import pytest
 import yaml
 
+from pipeline import PROJECT_ROOT
 from pipeline.config import ConfigError, Params, load_params, params_from_dict, replace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,3 +172,14 @@ def test_params_are_frozen_and_replace_copies() -> None:
     assert p.train.lr != 0.5 and p.download.retries != 7
     with pytest.raises(ConfigError, match=r"train\.lr"):
         replace(p, **{"train.lr": -2.0})
+
+
+def test_config_imports_neither_torch_nor_segment_anything():
+    """Loading params (download, the Prefect CLI, ...) must not pay for importing the model stack."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import pipeline.config as c; c.load_params('params.yaml'); "
+            "print(sorted(m for m in ('torch', 'segment_anything', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PROJECT_ROOT)
+    assert out.stdout.strip() == "[]"

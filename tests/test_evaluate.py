@@ -22,7 +22,8 @@ from pipeline.data import rle
 from pipeline.data.embeddings import CACHE_FILE, SCALAR_COLUMNS, CacheMeta, shard_path, write_shard
 from pipeline.evaluation import evaluate as ev_mod
 from pipeline.evaluation.coco import load_coco, segm_map
-from pipeline.evaluation.evaluate import evaluate_benchmark, evaluate_with_decoder
+from pipeline.evaluation.evaluate import evaluate_benchmark, evaluate_with_predictor
+from pipeline.inference.predictor import Predictor
 from pipeline.evaluation.metrics import boundary_iou, mask_iou
 from pipeline.modeling.backbones import build_tiny, freeze
 from pipeline.modeling.methods import build_method
@@ -203,9 +204,9 @@ def _perturbed_stable_sam(ws: dict[str, Any], force_alpha: tuple[float, float] |
 def test_forced_identical_plugin_gives_equal_scores(ws: dict[str, Any]) -> None:
     sam = ws["sam"]
     kw = dict(embeddings=ws["emb"], prompts=ws["prompts"], out=ws["tmp"] / "m2", predictions=ws["tmp"] / "p2", progress=False)
-    base = evaluate_with_decoder(ws["params"], DATASET, "sam", sam, build_method("sam", sam, ws["params"].plugin).eval(), **kw)
-    forced = evaluate_with_decoder(ws["params"], DATASET, "forced", sam, _perturbed_stable_sam(ws, (0.0, 1.0)), **kw)
-    free = evaluate_with_decoder(ws["params"], DATASET, "free", sam, _perturbed_stable_sam(ws, None), **kw)
+    base = evaluate_with_predictor(ws["params"], DATASET, "sam", Predictor(sam, build_method("sam", sam, ws["params"].plugin)), **kw)
+    forced = evaluate_with_predictor(ws["params"], DATASET, "forced", Predictor(sam, _perturbed_stable_sam(ws, (0.0, 1.0))), **kw)
+    free = evaluate_with_predictor(ws["params"], DATASET, "free", Predictor(sam, _perturbed_stable_sam(ws, None)), **kw)
     t_base = pq.read_table(ws["tmp"] / "p2" / DATASET / "sam.parquet")
     t_forced = pq.read_table(ws["tmp"] / "p2" / DATASET / "forced.parquet")
     t_free = pq.read_table(ws["tmp"] / "p2" / DATASET / "free.parquet")

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.config import load_params, replace
 from pipeline.prompts.boxes import box_iou, jitter_box, mask_to_box, noisy_box
-from pipeline.prompts.coarse import coarse_mask, incoherent_band, mask_input_logits
+from pipeline.prompts.coarse import coarse_mask, coarse_mask_logits, incoherent_band
 from pipeline.prompts.distance import squared_edt
 from pipeline.prompts.points import foreground_index, oracle_point, sample_positive_points
 from pipeline.prompts.seeding import rng_for
@@ -132,10 +132,9 @@ def test_coarse_mask_noise_only_on_the_band():
     np.testing.assert_array_equal(out[~band], soft[~band] > 0.5)
     assert (out[band] != (soft[band] > 0.5)).any()  # the band really is noisy
     assert np.array_equal(out, coarse_mask(soft, 0.01, rng_for(0, "c")))
-    import torch
-
-    logits = mask_input_logits(torch.from_numpy(out), 0.0, 255.0)
-    assert set(torch.unique(logits).tolist()) <= {0.0, 255.0}
+    logits = coarse_mask_logits(out, -4.0, 255.0)
+    assert logits.dtype == np.float32 and set(np.unique(logits).tolist()) == {-4.0, 255.0}
+    np.testing.assert_array_equal(logits == 255.0, out)
 
 
 def test_train_prompts_seeded_and_valid(params):

@@ -12,12 +12,18 @@ import math
 import uuid
 from pathlib import Path
 
+import base64
+import io
+
+import numpy as np
+import pandas as pd
 import pytest
 import torch
-from torch import nn
+from PIL import Image
 
 from pipeline import PROJECT_ROOT
 from pipeline.config import load_params, replace
+from pipeline.data import rle
 from pipeline.tracking.collect import (
     MAX_PARAM_CHARS, PipelineOutputs, TrackingInputError, dvc_out_hashes, flatten_params, numeric_leaves,
     read_loss_curve, safe_key,
@@ -28,6 +34,7 @@ from pipeline.tracking import mlflow_adapter  # noqa: E402
 from pipeline.tracking import compare  # noqa: E402
 from pipeline.tracking.mlflow_adapter import ParamConflictError, Tracker  # noqa: E402
 from pipeline.tracking.promotion import promote  # noqa: E402
+from pipeline.tracking.serving import OUTPUT_COLUMNS, example_request  # noqa: E402
 from pipeline.tracking.track import track_pipeline  # noqa: E402
 
 METHODS = ["dsp", "stable_sam"]
@@ -35,26 +42,27 @@ BENCHES = ["DIS5K-VD", "hq_mean"]
 PROMPTS = ["gt_box", "noisy_box", "point_1"]
 
 
-class TinyDecoder(nn.Module):
-    """Stand-in for the serving model: (emb (B, 4, 2, 2), boxes (B, 4)) -> (B, 1, 8, 8)."""
+@pytest.fixture(scope="module")
+def serving_files(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random base and a stable_sam plugin file: what the track stage logs as the MLflow model."""
+    from tests.fakes import write_tiny_base, write_trained_plugin
 
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.proj = nn.Conv2d(4, 1, 1)
-
-    def forward(self, image_embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        x = self.proj(image_embeddings) + boxes.mean(dim=1).view(-1, 1, 1, 1) * 1e-3
-        return nn.functional.interpolate(x, scale_factor=4.0)
+    tmp = tmp_path_factory.mktemp("serving")
+    sam, sha = write_tiny_base(tmp / "base", img=64, grid=16)
+    write_trained_plugin(tmp / "stable_sam.pt", "stable_sam", sam, load_params(PROJECT_ROOT / "params.yaml").plugin, sha)
+    return {"base": tmp / "base", "plugin": tmp / "stable_sam.pt"}
 
 
-def tiny_builder(calls: list[str] | None = None, fail: bool = False):
+def serving_builder(files: dict[str, Path], calls: list[str] | None = None, fail: bool = False):
+    """The track stage's model builder, over ``serving_files`` instead of the pipeline's outputs."""
+    from pipeline.tracking.serving import build_serving_model
+
     def build(method: str):
         if calls is not None:
             calls.append(method)
         if fail:
             raise RuntimeError("simulated crash while building the model")
-        return TinyDecoder().eval(), (torch.randn(2, 4, 2, 2), torch.tensor([[0.0, 0, 5, 5], [1.0, 1, 6, 7]]))
+        return build_serving_model(method, files["base"], files["plugin"])
     return build
 
 
@@ -72,7 +80,7 @@ def new_tracker(store: str) -> Tracker:
 
 def fake_params(tmp_path: Path, **changes):
     registered = f"reg-{uuid.uuid4().hex[:8]}"
-    base = {"train.methods": METHODS, "tracking.model_format": "pickle", "tracking.registered_model": registered}
+    base = {"train.methods": METHODS, "tracking.registered_model": registered, "seeds.methods": []}
     base.update(changes)
     return replace(load_params(PROJECT_ROOT / "params.yaml"), **base)
 
@@ -197,7 +205,7 @@ def test_default_tracking_uri_is_absolute_sqlite(monkeypatch, tmp_path):
 
 # --- the track stage -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tracked(store, tmp_path_factory):
+def tracked(store, tmp_path_factory, serving_files):
     root = tmp_path_factory.mktemp("ws")
     outputs = make_outputs(root)
     params = fake_params(root)
@@ -205,7 +213,7 @@ def tracked(store, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("cwd")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(cwd)  # nothing may land in the caller's working directory (MLflow's ./mlruns default)
-        result = track_pipeline(params, outputs, tracker=tracker, model_builder=tiny_builder(), exp_name="exp-a",
+        result = track_pipeline(params, outputs, tracker=tracker, model_builder=serving_builder(serving_files), exp_name="exp-a",
                                 out_json=root / "metrics/track.json")
     assert list(cwd.iterdir()) == []
     return tracker, params, outputs, result
@@ -263,26 +271,29 @@ def test_track_registers_challenger_model(tracked):
     version = tracker.version_by_alias(name, "challenger")
     assert version is not None and version.version == result.model_version == "1"
     assert version.run_id == result.method_runs["stable_sam"]
-    assert version.tags["method"] == "stable_sam" and result.model_format == "pickle"
+    assert version.tags["method"] == "stable_sam" and result.model_format == "pyfunc"
     assert tracker.version_by_alias(name, "champion") is None
     logged = tracker.client.get_logged_model(version.source.removeprefix("models:/"))
     assert logged.experiment_id == tracker.experiment_id and logged.source_run_id == version.run_id
     assert str(logged.status).endswith("READY")
     model = tracker.load_model(f"models:/{name}@challenger")
-    emb, boxes = torch.randn(3, 4, 2, 2), torch.rand(3, 4) * 8
-    torch.testing.assert_close(model(emb, boxes), TinyDecoder()(emb, boxes))
+    request = example_request(Path("."))
+    out = model.predict(request)
+    assert list(out.columns) == list(OUTPUT_COLUMNS) and len(out) == 1
+    mask = rle.decode(out["mask_rle"][0], int(out["height"][0]), int(out["width"][0]))
+    assert int(out["area"][0]) == int(mask.sum()) and 0.0 < out["alpha1"][0] < 1.0
 
 
-def test_track_resumes_after_crash(store, tmp_path):
+def test_track_resumes_after_crash(store, tmp_path, serving_files):
     outputs = make_outputs(tmp_path)
     params = fake_params(tmp_path)
     tracker = new_tracker(store)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        track_pipeline(params, outputs, tracker=tracker, model_builder=tiny_builder(fail=True), exp_name="")
+        track_pipeline(params, outputs, tracker=tracker, model_builder=serving_builder(serving_files, fail=True), exp_name="")
     failed = tracker.search_runs("tags.`stable_sam.kind` = 'pipeline'")
     assert len(failed) == 1 and failed[0].status == "FAILED"
     calls: list[str] = []
-    result = track_pipeline(params, outputs, tracker=tracker, model_builder=tiny_builder(calls), exp_name="")
+    result = track_pipeline(params, outputs, tracker=tracker, model_builder=serving_builder(serving_files, calls), exp_name="")
     assert result.resumed and result.parent_run_id == failed[0].run_id
     assert calls == ["stable_sam"]
     runs = tracker.find_runs({}, parent_run_id=result.parent_run_id)
@@ -294,12 +305,12 @@ def test_track_resumes_after_crash(store, tmp_path):
     assert tracker.version_by_alias(params.tracking.registered_model, "challenger").version == "1"
 
 
-def test_track_rejects_bad_inputs_before_logging(store, tmp_path):
+def test_track_rejects_bad_inputs_before_logging(store, tmp_path, serving_files):
     outputs = make_outputs(tmp_path)
     outputs.eval_json.write_text("{not json")
     tracker = new_tracker(store)
     with pytest.raises(TrackingInputError, match="eval.json"):
-        track_pipeline(fake_params(tmp_path), outputs, tracker=tracker, model_builder=tiny_builder())
+        track_pipeline(fake_params(tmp_path), outputs, tracker=tracker, model_builder=serving_builder(serving_files))
     assert tracker.search_runs() == []
 
 
@@ -364,44 +375,79 @@ def test_compare_runs_and_aliases(tracked, tmp_path):
     assert math.isclose(duo.rows[0].values[metrics[0]], 83.0)
 
 
-# --- the real serving model ------------------------------------------------------------------------
+# --- the served model ------------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @pytest.mark.slow
-def test_serving_model_logs_as_pt2_and_reloads(store, tmp_path):
-    """Tiny SAM + a stable_sam plugin checkpoint -> BoxPromptModel -> MLflow pt2 (auto) -> same outputs."""
-    from pipeline.common.hashing import sha256_file
-    from pipeline.modeling.backbones import build_tiny
-    from pipeline.modeling.methods import build_method
-    from pipeline.tracking.serving import build_serving_model, load_plugin_checkpoint
+def test_registered_model_serves_masks_over_http(store, tmp_path, serving_files):
+    """models:/<name>@champion loads with mlflow.pyfunc and, under `mlflow models serve` on 127.0.0.1,
+    answers a real request with the same mask as the in-process predictor."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
 
-    params = load_params(PROJECT_ROOT / "params.yaml")
-    base = tmp_path / "base"
-    base.mkdir()
-    sam = build_tiny()
-    torch.save(sam.state_dict(), base / "sam.pt")
-    (base / "base.json").write_text(json.dumps({
-        "variant": "tiny", "checkpoint_sha256": sha256_file(base / "sam.pt"),
-        "img_size": int(sam.image_encoder.img_size), "grid": int(sam.prompt_encoder.image_embedding_size[0]),
-        "channels": 256}))
-    trained = build_method("stable_sam", sam, params.plugin)
-    with torch.no_grad():
-        for p in trained.trainable_parameters():
-            p.add_(0.01 * torch.randn_like(p))  # "trained": differs from the zero/identity init
-    torch.save({"method": "stable_sam", "state_dict": trained.plugin_state_dict()}, tmp_path / "stable_sam.pt")
-    with pytest.raises(ValueError, match="not 'dsp'"):
-        load_plugin_checkpoint(tmp_path / "stable_sam.pt", "dsp")
+    import mlflow.pyfunc
 
-    model, example = build_serving_model("stable_sam", base, tmp_path / "stable_sam.pt", params.plugin)
-    g = sam.prompt_encoder.image_embedding_size[0]
-    assert example[0].shape == (2, 256, g, g) and example[1].shape == (2, 4)
+    from pipeline.inference.predictor import Predictor
+    from pipeline.tracking.serving import build_serving_model
+
     tracker = new_tracker(store)
     run = tracker.start_run("serving")
-    uri, model_id, fmt = tracker.log_torch_model(run.run_id, model, example, fmt="auto",
-                                                 input_names=("image_embeddings", "boxes"))
-    assert fmt == "pt2" and tracker.get_run(run.run_id).tags["model.format"] == "pt2"
-    loaded = tracker.load_model(uri)
-    emb = torch.randn(3, 256, g, g)  # another batch size than the example: the batch dim is dynamic
-    boxes = torch.tensor([[10.0, 20, 100, 120], [0, 0, 255, 255], [50, 60, 70, 90]])
-    with torch.no_grad():
-        want = model(emb, boxes)
-        torch.testing.assert_close(loaded(emb, boxes), want)
-        assert want.shape == (3, 1, 4 * g, 4 * g)
+    uri, model_id = tracker.log_pyfunc_model(run.run_id, build_serving_model("stable_sam", serving_files["base"],
+                                                                             serving_files["plugin"]))
+    name = f"serve-{uuid.uuid4().hex[:6]}"
+    tracker.register_model(name, uri, run.run_id, model_id=model_id, alias="champion")
+    request = example_request(Path("."))
+    request = pd.concat([request, request.assign(box="", points="[[40, 40], [5, 5]]", labels="[1, 0]")],
+                        ignore_index=True)
+    mlflow.set_registry_uri(store)
+    local = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(request)
+
+    predictor = Predictor.from_pretrained(serving_files["base"], "stable_sam", serving_files["plugin"], device="cpu")
+    predictor.set_image(np.asarray(Image.open(io.BytesIO(base64.b64decode(request["image"][0]))).convert("RGB")))
+    box = json.loads(request["box"][0])
+    masks, _, _ = predictor.predict(box=np.asarray(box, np.float32), multimask_output=False)
+    assert local["mask_rle"][0] == rle.encode(masks[0])
+    assert local["mask_rle"][1] != local["mask_rle"][0]
+
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MLFLOW_REGISTRY_URI": store,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # uvicorn
+    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
+    proc = subprocess.Popen([mlflow_bin, "models", "serve", "-m", f"models:/{name}@champion", "--env-manager", "local",
+                             "-h", "127.0.0.1", "-p", str(port), "--workers", "1"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        body = json.dumps({"dataframe_records": request.to_dict("records")}).encode()
+        deadline = time.time() + 180
+        answer = None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    answer = json.loads(resp.read())
+                break
+            except OSError:
+                time.sleep(1.0)
+        if answer is None:
+            proc.terminate()
+            log = proc.communicate(timeout=20)[0].decode(errors="replace")[-3000:]
+            pytest.fail(f"the model server did not answer within 180 s (exit {proc.returncode}):\n{log}")
+        served = answer["predictions"]
+        assert [r["mask_rle"] for r in served] == list(local["mask_rle"])
+        assert [r["area"] for r in served] == list(local["area"])
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -20,8 +20,9 @@ from pipeline.modeling.methods import build_method
 from pipeline.prompts.stage import make_prompts, model_frame
 from pipeline.prompts.tables import load_train_prompts
 from pipeline.training import ddp
-from pipeline.training.checkpointing import capture_rng, load_checkpoint, load_plugin, restore_rng, save_checkpoint
-from pipeline.training.train import BatchStream, batch_loss, frozen_checksum, train
+from pipeline.modeling.plugin_file import read_plugin_file
+from pipeline.training.checkpointing import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from pipeline.training.train import BatchStream, batch_loss, forward_samples, frozen_checksum, train
 from tests.test_prompts import write_fake_cache
 
 IMG, GRID = 64, 8
@@ -57,7 +58,7 @@ def run(ws: dict[str, Any], method: str, tag: str, params: Params | None = None,
 
 
 def plugin(ws: dict[str, Any], tag: str, method: str = "stable_sam") -> dict[str, Any]:
-    return load_plugin(ws["tmp"] / tag / "plugins" / f"{method}.pt")
+    return read_plugin_file(ws["tmp"] / tag / "plugins" / f"{method}.pt", method)
 
 
 def test_outputs_frozen_sam_and_plugin_only_weights(ws):
@@ -65,7 +66,11 @@ def test_outputs_frozen_sam_and_plugin_only_weights(ws):
     assert res["steps"] == 4 and res["samples"] == 16 and res["trainable_params"] == 77650
     assert res["batches_per_epoch"] == 3 and res["skipped_samples_without_prompt"] == 1  # 4 steps: 1 + 1/3 epochs
     assert res["final_loss"] > 0 and res["seconds"] > 0 and res["samples_per_s"] > 0
-    assert set(res["sanity_iou"]["before"]) == {"gt_box", "noisy_box", "point_1"}
+    before, after = res["sanity_iou"]["before"], res["sanity_iou"]["after"]
+    assert before["views"] == after["views"] == {"train": 11, "eval": 3}  # every view with a non-empty GT
+    for split in ("train", "eval"):
+        assert set(before[split]) == set(after[split]) == {"gt_box", "noisy_box", "point_1"}
+        assert all(0.0 <= v <= 100.0 for v in [*before[split].values(), *after[split].values()])
     saved = json.loads((ws["tmp"] / "a" / "metrics" / "stable_sam.json").read_text())
     assert saved["steps"] == 4
     csv = (ws["tmp"] / "a" / "plots" / "stable_sam_loss.csv").read_text().splitlines()
@@ -106,7 +111,7 @@ def test_only_plugin_parameters_get_gradients(ws):
                          model_frame(read_cache_meta(ws["emb"])), ctx, 4)
     samples = next(iter(stream))
     valid = [s for s in samples if s.prompt is not None]  # the fixture's empty view has no prompt
-    assert {s.prompt.group for s in valid} and all(s.target.shape == (IMG, IMG) for s in samples)
+    assert len({s.prompt.signature for s in valid}) > 1 and all(s.target.shape == (IMG, IMG) for s in samples)
     loss, n = batch_loss(model, samples, ws["params"], torch.device("cpu"))
     assert n == len(valid) >= 3 and torch.isfinite(loss)
     (loss / n).backward()
@@ -115,6 +120,50 @@ def test_only_plugin_parameters_get_gradients(ws):
     assert all(p.grad is not None for p in trainable)
     assert sum(p.grad.abs().sum().item() for p in trainable) > 0
     assert {id(p) for p in model.parameters() if p.grad is not None} == {id(p) for p in trainable}
+
+
+def test_training_and_evaluation_forward_give_the_same_logits(ws):
+    """A stored training prompt goes through the training forward (a mixed batch, grouped by signature) and
+    through the predictor's evaluation path: identical tokens, so identical logits. Padding a point prompt
+    with one ``label -1`` token (what training used to do) would change them: the check can fail."""
+    from pipeline.data.embeddings import load_embedding_rows
+    from pipeline.inference.predictor import Predictor
+    from pipeline.inference.prompts import Prompt
+    from pipeline.modeling.methods import PromptBatch
+
+    sam, _ = load_base(ws["base"])
+    model = build_method("stable_sam", sam, ws["params"].plugin)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    model.eval()
+    frame = model_frame(read_cache_meta(ws["emb"]))
+    table = load_train_prompts(ws["prompts"])
+    stream = BatchStream(ws["params"], ws["emb"], table, frame, ddp.DistContext(0, 1, 0, torch.device("cpu")), 4)
+    batches = iter(stream)
+    samples = [s for _ in range(3) for s in next(batches)]
+    predictor = Predictor(sam, model, postprocess=frame.mode)
+    checked = set()
+    with torch.no_grad():
+        for members, logits in forward_samples(model, samples, torch.device("cpu"), multimask_output=False):
+            rows = load_embedding_rows(ws["emb"], [s.view_id for s in members])
+            for s, train_logits in zip(members, logits):
+                row = rows[s.view_id]
+                stored = table[s.view_id][s.epoch % len(table[s.view_id])]
+                prompt = Prompt.from_row(stored, mask_logits=tuple(ws["params"].prompts.coarse_mask_logits),
+                                         lowres_side=frame.lowres_side)
+                predictor.set_embedding(row["embedding"], (row["height"], row["width"]), (row["input_h"], row["input_w"]))
+                chunk = next(predictor.predict_prompts([prompt]))
+                torch.testing.assert_close(chunk.low_res[0], train_logits[0], atol=1e-5, rtol=0)
+                checked.add(stored["prompt_type"])
+                if stored["prompt_type"] == "points":
+                    pts = torch.from_numpy(s.prompt.points)[None]
+                    padded = PromptBatch(points=torch.cat([pts, torch.zeros(1, 1, 2)], 1),
+                                         point_labels=torch.tensor([[1] * pts.shape[1] + [-1]]))
+                    out = model(s.embedding[None], padded).low_res_logits[0, 0]
+                    assert (out - train_logits[0]).abs().max() > 1e-3
+    assert {"points", "gt_box"} <= checked
 
 
 def test_resume_is_exact(ws):

@@ -37,7 +37,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 META_KEY = b"stable_sam"
 FORMAT_VERSION = 1
-PREPROCESSING = "sam-resize-longest-pad"
+PREPROCESSING = "sam-resize-longest-pil-pad"  # = SamPredictor.set_image (pipeline.modeling.transforms)
 DTYPE = "float16"
 CACHE_FILE = "CACHE.json"
 SCALAR_COLUMNS = ("view_id", "sample_id", "dataset", "split", "height", "width", "input_h", "input_w", "mask_rle")

@@ -35,9 +35,9 @@ from pipeline.common.atomic import atomic_path
 from pipeline.config import GenerateConfig
 from pipeline.data.layout import HQSEG_SETS, IMAGE_SUFFIX, MASK_SUFFIX, SetLayout
 
-SHAPES_THIN = ("curve", "tree", "ring", "lattice", "holey_blob")
+SHAPES_THIN = ("curve", "tree", "ring", "lattice", "holey_blob", "spiky_blob", "spiky_blob")
 SHAPES_SALIENT = ("blob", "holey_blob", "handle_blob", "ring", "blob")
-CATEGORIES = ("blob", "holey_blob", "handle_blob", "ring", "curve", "tree", "lattice")
+CATEGORIES = ("blob", "holey_blob", "handle_blob", "ring", "curve", "tree", "lattice", "spiky_blob")
 COCO_DIR = "coco_synth"
 COCO_IMAGES = 16
 
@@ -124,8 +124,9 @@ def _stroke_mask(h: int, w: int, paths: list[np.ndarray], width: int) -> np.ndar
 
 def _shape(rng: np.random.Generator, kind: str, h: int, w: int, cx: float, cy: float, size: float) -> np.ndarray:
     """A bool HxW mask of one object of ``kind`` centred near (cx, cy) with extent ~``size`` px."""
-    if kind in ("blob", "holey_blob", "handle_blob"):
-        mask = _polygon_mask(h, w, _radial(rng, cx, cy, size / 2))
+    if kind in ("blob", "holey_blob", "handle_blob", "spiky_blob"):
+        body = size / 2 if kind != "spiky_blob" else size / 3.5  # spiky: a smaller body, long thin legs
+        mask = _polygon_mask(h, w, _radial(rng, cx, cy, body))
         if kind == "holey_blob":
             for _ in range(rng.integers(1, 4)):
                 hx, hy = cx + rng.uniform(-0.2, 0.2) * size, cy + rng.uniform(-0.2, 0.2) * size
@@ -134,7 +135,15 @@ def _shape(rng: np.random.Generator, kind: str, h: int, w: int, cx: float, cy: f
             a = rng.uniform(0, 2 * math.pi)
             start = np.array([cx, cy])
             end = start + np.array([math.cos(a), math.sin(a)]) * size * rng.uniform(0.6, 0.9)
-            mask |= _stroke_mask(h, w, [np.stack([start, end])], int(max(2, size * rng.uniform(0.04, 0.09))))
+            mask |= _stroke_mask(h, w, [np.stack([start, end])], int(max(3, size * rng.uniform(0.05, 0.1))))
+        if kind == "spiky_blob":  # a body with thin legs/antennae: the HQ sets' "object with thin parts"
+            for _ in range(int(rng.integers(2, 6))):
+                a = rng.uniform(0, 2 * math.pi)
+                start = np.array([cx, cy])
+                mid = start + np.array([math.cos(a), math.sin(a)]) * size * rng.uniform(0.3, 0.45)
+                a2 = a + rng.uniform(-0.6, 0.6)
+                end = mid + np.array([math.cos(a2), math.sin(a2)]) * size * rng.uniform(0.15, 0.35)
+                mask |= _stroke_mask(h, w, [np.stack([start, mid, end])], int(max(3, size * rng.uniform(0.03, 0.06))))
         return mask
     if kind == "ring":
         outer = _polygon_mask(h, w, _radial(rng, cx, cy, size / 2, wobble=0.12))
@@ -153,10 +162,10 @@ def _shape(rng: np.random.Generator, kind: str, h: int, w: int, cx: float, cy: f
         normal = np.array([-direction[1], direction[0]])
         bend = sum(rng.uniform(-0.25, 0.25) * np.sin((k + 1) * math.pi * t + rng.uniform(0, 6.3)) for k in range(3))
         pts = np.array([cx, cy]) + np.outer(t - 0.5, direction) * size * 1.4 + np.outer(bend, normal) * size
-        return _stroke_mask(h, w, [pts], int(rng.integers(3, 8)))
+        return _stroke_mask(h, w, [pts], int(rng.integers(4, 10)))
     if kind == "tree":
         paths: list[np.ndarray] = []
-        width = int(rng.integers(3, 7))
+        width = int(rng.integers(4, 9))
 
         def grow(p: np.ndarray, ang: float, length: float, depth: int) -> None:
             end = p + length * np.array([math.cos(ang), math.sin(ang)])
@@ -171,7 +180,7 @@ def _shape(rng: np.random.Generator, kind: str, h: int, w: int, cx: float, cy: f
     if kind == "lattice":
         half = size / 2
         x0, x1, y0, y1 = cx - half, cx + half * rng.uniform(0.6, 1), cy - half * rng.uniform(0.6, 1), cy + half
-        width = int(rng.integers(3, 6))
+        width = int(rng.integers(4, 8))
         n = int(rng.integers(3, 6))
         paths = [np.array([[x0, y], [x1, y]]) for y in np.linspace(y0, y1, n)]
         paths += [np.array([[x, y0], [x, y1]]) for x in np.linspace(x0, x1, n)]

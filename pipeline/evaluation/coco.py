@@ -27,11 +27,11 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from torch import nn
 from tqdm import tqdm
 
-from pipeline.evaluation.predict import EvaluationError, Prompt, predict_rles
-from pipeline.modeling.transforms import preprocess
+from pipeline.evaluation.predict import EvaluationError, predict_rles
+from pipeline.inference.predictor import Predictor
+from pipeline.inference.prompts import Prompt
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +119,8 @@ def _load_detections(path: str | Path) -> dict[int, list[dict[str, Any]]]:
 def run_coco_benchmark(
     params: Any,
     entry: dict[str, Any],
-    sam: nn.Module,
-    decoder: nn.Module,
+    predictor: Predictor,
     *,
-    device: torch.device,
     progress: bool = True,
 ) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
     """Evaluate one ``evaluate.coco`` entry; returns (metrics, prediction rows).
@@ -144,7 +142,6 @@ def run_coco_benchmark(
         raise FileNotFoundError(f"{image_dir}: COCO image folder not found (check evaluate.coco[].images for {name!r})")
     detections = _load_detections(entry["detections"]) if source == "detections" else {}
     ev = params.evaluate
-    img_size = int(sam.image_encoder.img_size)
     image_ids = sorted(coco.getImgIds())
     if params.data.max_images_per_set:
         image_ids = image_ids[: params.data.max_images_per_set]
@@ -165,13 +162,11 @@ def run_coco_benchmark(
         if image.shape[:2] != hw:
             log.warning("quarantined %s: image is %s but the annotations say %s", path, image.shape[:2], hw)
             continue
-        x, input_hw = preprocess(image if image.flags.writeable else image.copy(), img_size, ev.postprocess)
-        emb = sam.image_encoder(x[None].to(device))[0]
         prompts: list[Prompt] = []
         meta: list[tuple[int, int, dict[str, Any] | None]] = []  # (ann_id, category_id, gt rle)
         if source == "detections":
             for i, d in enumerate(detections.get(image_id, [])):
-                prompts.append(Prompt(key, i, box=xywh_to_xyxy(d["bbox"])))
+                prompts.append(Prompt(box=xywh_to_xyxy(d["bbox"]), prompt_type=key, draw=i))
                 meta.append((-1, int(d["category_id"]), None))
         else:
             anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=False))
@@ -183,14 +178,13 @@ def run_coco_benchmark(
                 if source == "noisy":
                     rng = rng_for(params.prompts.seed, "coco", name, image_id, ann["id"])
                     box = noisy_box(box, hw, params.prompts.box_noise_scale, params.prompts.noisy_box_min_iou, rng).box
-                prompts.append(Prompt(key, len(prompts), box=box))
+                prompts.append(Prompt(box=box, prompt_type=key, draw=len(prompts)))
                 meta.append((int(ann["id"]), int(ann["category_id"]), coco.annToRLE(ann)))
         done.append(image_id)
         if not prompts:
             continue
-        rles, score, alpha1 = predict_rles(
-            decoder, emb, prompts, orig_hw=hw, input_hw=input_hw, img_size=img_size, mode=ev.postprocess, batch_size=ev.batch_size
-        )
+        predictor.set_image(image)
+        rles, score, alpha1 = predict_rles(predictor, prompts, batch_size=ev.batch_size)
         for i, (pr, rle, (ann_id, cat, gt_rle)) in enumerate(zip(prompts, rles, meta)):
             iou = float("nan")
             if gt_rle is not None:

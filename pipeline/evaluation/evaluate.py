@@ -44,15 +44,10 @@ from pipeline.common.hashing import sha256_bytes, sha256_file
 from pipeline.config import Params
 from pipeline.data import rle
 from pipeline.data.layout import SETS_BY_NAME
-from pipeline.evaluation.predict import (
-    EvaluationError,
-    Prompt,
-    load_method,
-    predict_and_score,
-    resolve_device,
-    stability_from_rles,
-)
-from pipeline.modeling.transforms import input_size, preprocess
+from pipeline.evaluation.predict import EvaluationError, load_predictor, predict_and_score, stability_from_rles
+from pipeline.inference.predictor import Predictor
+from pipeline.inference.prompts import Prompt
+from pipeline.modeling.transforms import input_size
 
 log = logging.getLogger(__name__)
 
@@ -98,29 +93,23 @@ def evaluate_benchmark(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Load the base SAM and ``method``'s weights, score ``benchmark``, write the JSON + parquet; return the metrics."""
-    from pipeline.modeling.backbones import load_base
-
-    device = resolve_device(params.evaluate.device)
-    sam, _info = load_base(Path(base))
-    sam = sam.to(device)
-    decoder = load_method(method, sam, params.plugin, plugins, device)
-    fingerprint = {"method": method, "base": _info.get("checkpoint_sha256", "")}
+    predictor = load_predictor(params, method, Path(base), plugins)
+    fingerprint = {"method": method, "base": predictor.info.get("checkpoint_sha256", "")}
     ckpt = Path(plugins) / f"{method}.pt" if plugins is not None else None
-    if ckpt is not None and ckpt.is_file() and int(getattr(decoder, "num_trainable", 0)) > 0:
+    if ckpt is not None and ckpt.is_file() and predictor.decoder.num_trainable > 0:
         fingerprint["plugin"] = sha256_file(ckpt)
-    return evaluate_with_decoder(
-        params, benchmark, method, sam, decoder,
+    return evaluate_with_predictor(
+        params, benchmark, method, predictor,
         embeddings=embeddings, prompts=prompts, out=out, predictions=predictions,
         fingerprint=fingerprint, progress=progress,
     )
 
 
-def evaluate_with_decoder(
+def evaluate_with_predictor(
     params: Params,
     benchmark: str,
     method: str,
-    sam: nn.Module,
-    decoder: nn.Module,
+    predictor: Predictor,
     *,
     embeddings: Path | None,
     prompts: Path | None,
@@ -129,15 +118,15 @@ def evaluate_with_decoder(
     fingerprint: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Score an already-built ``decoder`` (e.g. with a forced α in tests) and write the outputs under ``method``."""
+    """Score an already-built ``predictor`` (e.g. with a forced α in tests) and write the outputs under ``method``."""
     kind, entry = resolve_benchmark(params, benchmark)
-    device = next(decoder.parameters()).device
+    sam = predictor.model
     json_path = Path(out) / benchmark / f"{method}.json"
     pred_path = Path(predictions) / benchmark / f"{method}.parquet"
     if kind == "coco":
         from pipeline.evaluation.coco import run_coco_benchmark
 
-        metrics, rows = run_coco_benchmark(params, entry, sam, decoder, device=device, progress=progress)  # type: ignore[arg-type]
+        metrics, rows = run_coco_benchmark(params, entry, predictor, progress=progress)  # type: ignore[arg-type]
         table = pa.Table.from_pylist(rows)
     else:
         fp = {**(fingerprint or {}), "benchmark": benchmark, "evaluate": params.to_dict()["evaluate"],
@@ -154,11 +143,10 @@ def evaluate_with_decoder(
         partial = PartialResults(pred_path.parent / f".{method}.partial", fp)
         done = partial.done_views()
         if kind == "cache":
-            items = _cache_items(params, benchmark, Path(embeddings), Path(prompts), sam, done, device)  # type: ignore[arg-type]
+            items = _cache_items(params, benchmark, Path(embeddings), Path(prompts), sam, done)  # type: ignore[arg-type]
         else:
-            items = _folder_items(params, entry, sam, done, device)  # type: ignore[arg-type]
-        _score_items(params, items, decoder, partial, img_size=int(sam.image_encoder.img_size),
-                     progress=progress, desc=f"{benchmark} [{method}]")
+            items = _folder_items(params, entry, predictor, done)  # type: ignore[arg-type]
+        _score_items(params, items, predictor, partial, progress=progress, desc=f"{benchmark} [{method}]")
         table = partial.read_all()
         if table.num_rows == 0:
             raise EvaluationError(f"{benchmark}: nothing was evaluated (no images with prompts; see warnings above)")
@@ -218,18 +206,16 @@ def summarize(table: pa.Table) -> dict[str, dict[str, float]]:
     return out
 
 
-def _score_items(params: Params, items: Iterator[EvalItem], decoder: nn.Module, partial: "PartialResults",
-                 *, img_size: int, progress: bool, desc: str) -> None:
+def _score_items(params: Params, items: Iterator[EvalItem], predictor: Predictor, partial: "PartialResults",
+                 *, progress: bool, desc: str) -> None:
     ev = params.evaluate
     buffer: list[dict[str, Any]] = []
     n_images = 0
     bar = tqdm(items, desc=desc, unit="img", disable=not progress)
     for item in bar:
-        s = predict_and_score(
-            decoder, item.embedding, item.prompts, item.gt, input_hw=item.input_hw,
-            img_size=img_size,
-            mode=ev.postprocess, dilation_ratio=ev.boundary_dilation_ratio, batch_size=ev.batch_size,
-        )
+        predictor.set_embedding(item.embedding, item.gt.shape, item.input_hw)
+        s = predict_and_score(predictor, item.prompts, item.gt, dilation_ratio=ev.boundary_dilation_ratio,
+                              batch_size=ev.batch_size)
         by_type: dict[str, list[int]] = {}
         for i, pr in enumerate(item.prompts):
             by_type.setdefault(pr.prompt_type, []).append(i)
@@ -320,7 +306,7 @@ def check_cache(meta: dict[str, Any], sam: nn.Module, mode: str, root: Path, bas
 
 
 def _cache_items(params: Params, dataset: str, root: Path, prompts_path: Path, sam: nn.Module,
-                 done: set[str], device: torch.device) -> Iterator[EvalItem]:
+                 done: set[str]) -> Iterator[EvalItem]:
     """Eval views of ``dataset`` from the cache, in stored order, with their prompts (``done`` skipped)."""
     from pipeline.data.embeddings import iter_views
 
@@ -346,7 +332,7 @@ def _cache_items(params: Params, dataset: str, root: Path, prompts_path: Path, s
                 raise ValueError(f"{root}: view {view!r} has input size {in_hw}, evaluate.postprocess={mode!r} "
                                  f"expects {input_size((h, w), img_size, mode)}; re-embed or change the param")
             gt = rle.decode(row["mask_rle"], h, w)
-            yield EvalItem(view, row["embedding"].to(device), in_hw, gt, prompts[view])
+            yield EvalItem(view, row["embedding"], in_hw, gt, prompts[view])
     except KeyError as exc:  # the cache has no eval shards of this dataset
         raise ValueError(f"{root}: {exc.args[0]}; is {dataset!r} in data.eval_sets? run `dvc repro embed`") from None
     missing = sorted(set(prompts) - seen)
@@ -376,8 +362,7 @@ def folder_pairs(entry: dict[str, Any]) -> list[tuple[str, Path, Path]]:
     return pairs
 
 
-def _folder_items(params: Params, entry: dict[str, Any], sam: nn.Module, done: set[str],
-                  device: torch.device) -> Iterator[EvalItem]:
+def _folder_items(params: Params, entry: dict[str, Any], predictor: Predictor, done: set[str]) -> Iterator[EvalItem]:
     """A user's image/mask folder: encoded on the fly, prompts from the prompts module's eval synthesis."""
     from pipeline.data.images import DecodeError, load_image, load_mask
     from pipeline.prompts.synthesis import eval_prompts
@@ -386,7 +371,6 @@ def _folder_items(params: Params, entry: dict[str, Any], sam: nn.Module, done: s
     pairs = folder_pairs(entry)
     if params.data.max_images_per_set:
         pairs = pairs[: params.data.max_images_per_set]
-    img_size = int(sam.image_encoder.img_size)
     for stem, img_path, mask_path in pairs:
         view = f"{name}/{stem}#0"
         if view in done:
@@ -404,10 +388,8 @@ def _folder_items(params: Params, entry: dict[str, Any], sam: nn.Module, done: s
             log.warning("quarantined %s: mask has fewer than %d pixels", mask_path, params.index.min_mask_pixels)
             continue
         prompts = [Prompt.from_row(r, where=str(mask_path)) for r in eval_prompts(view, gt, params.prompts)]
-        x, in_hw = preprocess(image if image.flags.writeable else image.copy(), img_size, params.evaluate.postprocess)
-        with torch.inference_mode():
-            emb = sam.image_encoder(x[None].to(device))[0].float()
-        yield EvalItem(view, emb, in_hw, gt, prompts)
+        predictor.set_image(image)
+        yield EvalItem(view, predictor.get_image_embedding()[0], predictor.input_size, gt, prompts)  # type: ignore[arg-type]
 
 
 __all__ = [
@@ -415,7 +397,7 @@ __all__ = [
     "PREDICTION_SCHEMA",
     "PartialResults",
     "evaluate_benchmark",
-    "evaluate_with_decoder",
+    "evaluate_with_predictor",
     "folder_pairs",
     "check_cache",
     "resolve_benchmark",

@@ -175,6 +175,18 @@ def hq_mean(results: Results, hq_sets: Iterable[str]) -> dict[str, dict[str, dic
     return out
 
 
+def add_recovery(mean: dict[str, dict[str, dict[str, float]]], baseline: str) -> None:
+    """Add ``recovery`` (:func:`paper_numbers.recovery`, on mIoU) to every method's sloppy-prompt rows of
+    ``mean`` (the hq_mean block), against the frozen ``baseline`` (``report.baseline``, normally ``sam``)."""
+    base = mean.get(baseline, {})
+    gt = base.get("gt_box", {}).get("miou")
+    for method, prompts in mean.items():
+        for prompt in paper.RECOVERY_PROMPTS:
+            r = paper.recovery(prompts.get(prompt, {}).get("miou"), base.get(prompt, {}).get("miou"), gt)
+            if r is not None and prompt in prompts:
+                prompts[prompt]["recovery"] = round(r, 4)
+
+
 def build_eval_json(params: Params, eval_dir: str | Path) -> tuple[dict[str, Any], list[str]]:
     """``{benchmark: {method: {prompt: {...}}}}`` with ``hq_mean``, and notes on what is missing."""
     results, notes = collect_results(params, eval_dir)
@@ -182,6 +194,7 @@ def build_eval_json(params: Params, eval_dir: str | Path) -> tuple[dict[str, Any
     out: dict[str, Any] = dict(results)
     if hq_sets:
         out[HQ_MEAN] = hq_mean(results, hq_sets)
+        add_recovery(out[HQ_MEAN], params.report.baseline)
         counts = {m: {b for b in hq_sets if m in results[b]} for m in params.evaluate.methods}
         if len({frozenset(s) for s in counts.values() if s}) > 1:
             notes.append("hq_mean covers different HQ sets for different methods: " + "; ".join(
@@ -189,7 +202,7 @@ def build_eval_json(params: Params, eval_dir: str | Path) -> tuple[dict[str, Any
     return out, notes
 
 
-def headline_metrics(eval_json: Mapping[str, Any], params: Params) -> dict[str, Any]:
+def headline_metrics(eval_json: Mapping[str, Any], params: Params, seeds: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The small JSON for ``dvc metrics show``: hq_mean mIoU of the headline prompts, deltas, COCO mAP.
 
     Keys mirror eval.json's paths (``hq_mean.stable_sam.noisy_box.miou``), so a dotted key such as
@@ -199,14 +212,24 @@ def headline_metrics(eval_json: Mapping[str, Any], params: Params) -> dict[str, 
     mean = eval_json.get(HQ_MEAN, {})
     for method in params.evaluate.methods:
         for prompt in params.report.headline_prompts:
-            v = mean.get(method, {}).get(prompt, {}).get("miou")
-            if v is not None:
-                out.setdefault(HQ_MEAN, {}).setdefault(method, {})[prompt] = {"miou": round(v, 3)}
+            row = mean.get(method, {}).get(prompt, {})
+            if row.get("miou") is not None:
+                cell = {"miou": round(row["miou"], 3)}
+                if method != params.report.baseline and row.get("recovery") is not None:
+                    cell["recovery"] = round(row["recovery"], 3)
+                out.setdefault(HQ_MEAN, {}).setdefault(method, {})[prompt] = cell
     base, ours = params.report.baseline, params.report.ours
     for prompt in params.report.headline_prompts:
         d = _delta(mean, ours, base, prompt)
         if d is not None:
             out.setdefault("delta", {}).setdefault(f"{ours}_minus_{base}", {})[prompt] = {"miou": round(d, 3)}
+    for method, block in (seeds or {}).get("methods", {}).items():
+        for prompt in paper.RECOVERY_PROMPTS[:2]:
+            for metric in ("delta", "recovery"):
+                c = block.get(prompt, {}).get(metric)
+                if c is not None:
+                    out.setdefault("seeds", {}).setdefault(method, {}).setdefault(prompt, {})[metric] = {
+                        "mean": round(c["mean"], 3), "std": round(c["std"], 3)}
     for key, methods in eval_json.items():
         if key.startswith(COCO_PREFIX):
             for method, prompts in methods.items():
@@ -521,6 +544,59 @@ def _paper_tables(mean: Mapping[str, Any], params: Params) -> list[str]:
     return out + [""]
 
 
+def recovery_table(mean: Mapping[str, Any], params: Params) -> list[str]:
+    """Markdown: the recovery ratio R_P of every method beside the paper's (Stable-SAM, ViT-L)."""
+    base = params.report.baseline
+    methods = [m for m in _method_order(params, mean) if m != base
+               and any("recovery" in mean[m].get(p, {}) for p in paper.RECOVERY_PROMPTS)]
+    if not methods:
+        return []
+    header = ["method"] + [f"R {p}" for p in paper.RECOVERY_PROMPTS]
+    rows = [[m] + [_fmt(mean[m].get(p, {}).get("recovery"), 2) for p in paper.RECOVERY_PROMPTS] for m in methods]
+    rows.append(["Stable-SAM (paper, ViT-L)"] + [_fmt(paper.PAPER_RECOVERY[p], 2) for p in paper.RECOVERY_PROMPTS])
+    gt = mean.get(base, {}).get("gt_box", {}).get("miou")
+    return [f"**Recovery ratio** R_P = (method_P − {base}_P) / ({base}_gt_box − {base}_P): the share of what a "
+            f"sloppy prompt costs the frozen {base} that a method wins back (1 = all of it; {base} GT box: "
+            f"{_fmt(gt)} mIoU). A single run; seed spread: `metrics/seeds.json` when present.", ""] + _table(header, rows)
+
+
+def seeds_lines(seeds: Mapping[str, Any], prompts: Sequence[str] = ("gt_box", *paper.RECOVERY_PROMPTS)) -> list[str]:
+    """Markdown for the summary: per method, mean ± std over seeds of Δ mIoU and the recovery ratio."""
+    if not seeds or not seeds.get("methods"):
+        return []
+    n = len(seeds.get("seeds", []))
+    base = seeds.get("baseline", "sam")
+    L = [f"**Over {n} training seeds** ({', '.join(map(str, seeds.get('seeds', [])))}; mean ± sample std; "
+         f"Δ = method − {base}, mIoU points):", ""]
+    header = ["method"] + [f"Δ {p}" for p in prompts] + [f"R {p}" for p in paper.RECOVERY_PROMPTS]
+    rows = []
+    for method, block in seeds["methods"].items():
+        def cell(prompt: str, metric: str, nd: int) -> str:
+            c = block.get(prompt, {}).get(metric)
+            return "–" if c is None else f"{c['mean']:+.{nd}f} ± {c['std']:.{nd}f}" if metric == "delta" \
+                else f"{c['mean']:.{nd}f} ± {c['std']:.{nd}f}"
+        rows.append([method] + [cell(p, "delta", 1) for p in prompts]
+                    + [cell(p, "recovery", 2) for p in paper.RECOVERY_PROMPTS])
+    L += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    alpha = []
+    for method, block in seeds["methods"].items():
+        a1, a10 = block.get("point_1", {}).get("alpha1"), block.get("point_10", {}).get("alpha1")
+        if a1 and a10:
+            alpha.append(f"- `{method}` mean α1: 1 point {a1['mean']:.3f} ± {a1['std']:.3f}, 10 points "
+                         f"{a10['mean']:.3f} ± {a10['std']:.3f} (paper: 0.614 → 0.371).")
+    return L + [""] + alpha
+
+
+def read_seeds(path: Path | None) -> dict[str, Any]:
+    """``metrics/seeds.json`` (stage ``seeds``), or {} when not given or absent."""
+    if path is None or not Path(path).is_file():
+        return {}
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path}: not valid JSON ({exc}); re-run the seeds stage") from None
+
+
 def alpha_trend(mean: Mapping[str, Any]) -> list[str]:
     """One sentence per DRP method: does mean alpha1 fall as the number of points grows?"""
     lines = []
@@ -542,7 +618,7 @@ def alpha_trend(mean: Mapping[str, Any]) -> list[str]:
 
 def render_summary(
     eval_json: Mapping[str, Any], params: Params, *, index: Path | None, plot_files: list[Path],
-    gallery_files: list[Path], report_md: Path, notes: list[str],
+    gallery_files: list[Path], report_md: Path, notes: list[str], seeds: Mapping[str, Any] | None = None,
 ) -> str:
     """The Markdown of reports/summary.md (PNG links relative to ``report_md``'s folder)."""
     same, diffs = comparability(params)
@@ -564,6 +640,8 @@ def render_summary(
         deltas = ", ".join(f"{p} {_signed(_delta(mean, ours, base, p))}" for p in ("noisy_box", "point_1", "gt_box"))
         pdel = ", ".join(f"{p} {_signed(_paper_delta(ours, base, p))}" for p in ("noisy_box", "point_1", "gt_box"))
         L += [f"**Deltas** ({ours} − {base}, mIoU points): {deltas} (paper: {pdel}).", ""]
+        L += recovery_table(mean, params) + [""]
+        L += seeds_lines(seeds or {}) + [""]
         L += alpha_trend(mean) + [""]
         for metric, nd in (("miou", 1), ("mbiou", 1), ("st", 1), ("alpha1", 3)):
             t = _metric_table(mean, params, metric, nd)
@@ -610,6 +688,7 @@ def build_report(
     report_md: str | Path,
     *,
     out_headline: str | Path | None = None,
+    seeds_json: str | Path | None = None,
 ) -> ReportResult:
     """Write eval.json, headline.json (default: next to eval.json), the plots and the summary.
 
@@ -637,9 +716,10 @@ def build_report(
         log.warning(n)
     _remove_stale(plots_dir, plot_files + gallery_files)
     atomic_write_json(out_metrics, eval_json)
-    atomic_write_json(out_headline, headline_metrics(eval_json, params))
+    seeds = read_seeds(opt(seeds_json))
+    atomic_write_json(out_headline, headline_metrics(eval_json, params, seeds))
     md = render_summary(eval_json, params, index=opt(index), plot_files=plot_files, gallery_files=gallery_files,
-                        report_md=report_md, notes=notes + g_notes)
+                        report_md=report_md, notes=notes + g_notes, seeds=seeds)
     atomic_write_text(report_md, md)
     return ReportResult(out_metrics, out_headline, report_md, tuple(plot_files + gallery_files), tuple(notes + g_notes))
 

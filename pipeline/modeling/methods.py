@@ -36,19 +36,7 @@ from pipeline.modeling.drp import DynamicRouting
 from pipeline.modeling.dsp import DeformableSampling
 from pipeline.modeling.patched_transformer import Alpha, PatchedAttentionBlock, PatchedTwoWayTransformer
 from pipeline.modeling.spatial_attention import SpatialAttention
-
-METHODS: tuple[str, ...] = (
-    "sam", "dsp", "stable_sam", "dt_sam", "pt_sam", "spatial_attention", "stable_sam_ft_decoder",
-)
-UNSUPPORTED: dict[str, str] = {
-    "hq_sam": "HQ-SAM fuses ViT intermediate features, which the embedding cache does not store",
-    "lora": "LoRA adapters live in the image encoder's FFNs and cannot run on cached embeddings",
-    "adaptformer": "AdaptFormer adapters live in the image encoder's FFNs and cannot run on cached embeddings",
-}
-_PLUGIN_METHODS = ("dsp", "stable_sam", "spatial_attention", "stable_sam_ft_decoder")
-_OWN_DECODER = ("dt_sam", "pt_sam", "stable_sam_ft_decoder")
-PATCHED_LAYER = 1  # SPEC §2.1: the plugins sit in the second two-way block
-
+from pipeline.modeling.specs import DECODER_TRAINABLE, METHODS, OWN_DECODER, PATCHED_LAYER, PLUGIN_METHODS, UNSUPPORTED
 
 @dataclass
 class PromptBatch:
@@ -227,19 +215,19 @@ def build_method(
     for p in sam.parameters():
         p.requires_grad_(False)
     decoder = sam.mask_decoder
-    if name in _OWN_DECODER:
+    if name in OWN_DECODER:
         decoder = copy.deepcopy(sam.mask_decoder)
         train = [decoder.iou_token.weight, decoder.mask_tokens.weight] if name == "pt_sam" else decoder.parameters()
         for p in train:
             p.requires_grad_(True)
-    transformer = _plugin_transformer(name, decoder, plugin) if name in _PLUGIN_METHODS else None
+    transformer = _plugin_transformer(name, decoder, plugin) if name in PLUGIN_METHODS else None
     model = PromptableDecoder(
         name=name,
         prompt_encoder=sam.prompt_encoder,
         mask_decoder=decoder,
         transformer=transformer,
         img_size=int(sam.image_encoder.img_size),
-        decoder_trainable=name in ("dt_sam", "stable_sam_ft_decoder"),
+        decoder_trainable=name in DECODER_TRAINABLE,
     )
     if force_alpha is not None:
         model.set_force_alpha(force_alpha)

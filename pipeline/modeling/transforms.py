@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
+from torchvision.transforms.functional import resize, to_pil_image
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -28,13 +29,16 @@ def input_size(orig_hw: tuple[int, int], img_size: int, mode: Postprocess = "sam
 
 
 def preprocess(image: np.ndarray, img_size: int, mode: Postprocess = "sam") -> tuple[torch.Tensor, tuple[int, int]]:
-    """uint8 ``HxWx3`` RGB -> (float32 ``[3, img_size, img_size]``, (input_h, input_w))."""
+    """uint8 ``HxWx3`` RGB -> (float32 ``[3, img_size, img_size]``, (input_h, input_w)).
+
+    Exactly ``SamPredictor.set_image``'s arithmetic: PIL resize (``ResizeLongestSide.apply_image``), then
+    ``Sam.preprocess`` (normalise, zero-pad bottom/right), so an embedding made here equals SAM's own.
+    """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 HxWx3 RGB image, got {image.dtype} {image.shape}")
     in_h, in_w = input_size(image.shape[:2], img_size, mode)
-    x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float()[None]
-    x = F.interpolate(x, (in_h, in_w), mode="bilinear", align_corners=False, antialias=True)[0]
-    x = x.clamp(0, 255).round()  # the same rounding as resizing a uint8 image
+    resized = np.array(resize(to_pil_image(np.ascontiguousarray(image)), [in_h, in_w]))
+    x = torch.as_tensor(resized).permute(2, 0, 1).contiguous().float()
     mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
     std = torch.tensor(PIXEL_STD).view(3, 1, 1)
     x = (x - mean) / std

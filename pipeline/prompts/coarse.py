@@ -38,10 +38,10 @@ def lowres_target(mask: np.ndarray, img_size: int, side: int, mode: Postprocess 
     return mask_to_input_frame(mask, img_size, side, mode).numpy()
 
 
-def mask_input_logits(coarse: torch.Tensor, background: float, foreground: float) -> torch.Tensor:
-    """bool/0-1 ``[..., s, s]`` coarse mask -> float32 values fed as SAM's dense mask input.
+def coarse_mask_logits(coarse: np.ndarray, background: float, foreground: float) -> np.ndarray:
+    """bool ``[s, s]`` coarse mask -> float32 ``[s, s]`` values fed as SAM's dense mask input.
 
-    HQ-SAM feeds its 0/255 noisy label as-is (background 0, foreground 255); the two values are params.
+    HQ-SAM feeds its 0/255 noisy label as-is (background 0, foreground 255); the two values are params
+    (``prompts.coarse_mask_logits``).
     """
-    c = coarse.to(torch.float32)
-    return background + c * (foreground - background)
+    return np.where(np.asarray(coarse, dtype=bool), np.float32(foreground), np.float32(background)).astype(np.float32)

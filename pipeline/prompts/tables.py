@@ -9,11 +9,9 @@ seed, the model frame (img_size, grid, preprocessing) and the format version.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -59,31 +57,20 @@ def read_meta(path: Path) -> dict[str, Any]:
     return json.loads(md[META_KEY]) if META_KEY in md else {}
 
 
-@dataclass(frozen=True)
-class TrainPrompt:
-    """One stored training prompt, numpy views of the table row (view image pixel frame)."""
-
-    prompt_type: str
-    box: np.ndarray | None  # float32 [4]
-    points: np.ndarray | None  # float32 [N, 2]
-    mask_input_rle: str | None
+TrainRow = dict[str, Any]  # one stored training prompt: prompt_type, draw, box, points, point_labels, mask_input_rle
 
 
-def load_train_prompts(path: Path) -> dict[str, list[TrainPrompt]]:
-    """``train.parquet`` -> {view_id: [prompt of draw 0, draw 1, ...]} (the stage stores draws 0..n-1)."""
+def load_train_prompts(path: Path) -> dict[str, list[TrainRow]]:
+    """``train.parquet`` -> {view_id: [row of draw 0, draw 1, ...]} (the stage stores draws 0..n-1).
+
+    Rows stay plain dicts (coarse masks as RLE) until a batch needs them:
+    ``pipeline.inference.prompts.Prompt.from_row`` turns one into a prompt.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no training prompts (run `dvc repro prompts`)")
-    t = pq.read_table(path, columns=["view_id", "prompt_type", "draw", "box", "points", "mask_input_rle"])
-    cols = {name: t.column(name).to_pylist() for name in t.column_names}
-    out: dict[str, list[tuple[int, TrainPrompt]]] = {}
-    for i, vid in enumerate(cols["view_id"]):
-        box, pts = cols["box"][i], cols["points"][i]
-        p = TrainPrompt(
-            prompt_type=cols["prompt_type"][i],
-            box=None if box is None else np.asarray(box, dtype=np.float32),
-            points=None if pts is None else np.asarray(pts, dtype=np.float32).reshape(-1, 2),
-            mask_input_rle=cols["mask_input_rle"][i],
-        )
-        out.setdefault(vid, []).append((cols["draw"][i], p))
-    return {vid: [p for _, p in sorted(lst, key=lambda x: x[0])] for vid, lst in out.items()}
+    t = pq.read_table(path, columns=["view_id", "prompt_type", "draw", "box", "points", "point_labels", "mask_input_rle"])
+    out: dict[str, list[TrainRow]] = {}
+    for row in t.to_pylist():
+        out.setdefault(row["view_id"], []).append(row)
+    return {vid: sorted(rows, key=lambda r: r["draw"]) for vid, rows in out.items()}

@@ -30,7 +30,7 @@ from pipeline import PROJECT_ROOT
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.config import TrackingConfig
-    from torch import Tensor, nn
+    from pipeline.tracking.serving import ServingModel
 
 log = logging.getLogger(__name__)
 
@@ -226,58 +226,35 @@ class Tracker:
         return out
 
     # -- models and registry ------------------------------------------------------------------------
-    def log_torch_model(self, run_id: str, model: "nn.Module", example: tuple["Tensor", ...], *,
-                        name: str = "model", fmt: Literal["auto", "pt2", "pickle"] = "auto",
-                        output_name: str = "low_res_logits", input_names: Sequence[str] = ()) -> tuple[str, str, str]:
-        """Log ``model`` on run ``run_id``; returns (model_uri, model_id, format used).
+    def log_pyfunc_model(self, run_id: str, model: "ServingModel", *, name: str = "model") -> tuple[str, str]:
+        """Log a :class:`pipeline.tracking.serving.ServingModel` on run ``run_id``; returns (model_uri, model_id).
 
-        ``pt2`` = ``torch.export`` graph (no pickle, loads without this project's code; the batch dimension
-        stays dynamic); ``pickle`` = the module object, with this project's ``pipeline`` package attached as
-        code. ``auto`` tries pt2 and falls back to pickle (logged as a warning; the run gets tag
-        ``model.format``).
+        The model carries this project's ``pipeline`` package as code and the base + plugin files as
+        artifacts, so ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` need no checkout; the signature
+        is inferred from the input example (which MLflow runs once, so a broken model fails here).
         """
-        import mlflow.pytorch
-        import numpy as np
+        import mlflow.models
+        import mlflow.pyfunc
         import torch
-        from mlflow.models.signature import ModelSignature
-        from mlflow.types.schema import Schema, TensorSpec
 
-        model = model.eval()
-        with torch.no_grad():
-            out = model(*example)
-        names = list(input_names) or [f"input_{i}" for i in range(len(example))]
-        signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype("float32"), (-1, *t.shape[1:]), n) for n, t in zip(names, example)]),
-            outputs=Schema([TensorSpec(np.dtype("float32"), (-1, *out.shape[1:]), output_name)]),
-        )
-        numpy_example = tuple(t.detach().cpu().numpy() for t in example)
-        reqs = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
         mlflow.set_tracking_uri(self.tracking_uri)  # Model.log resolves its store from the global URI
-        formats = ["pt2", "pickle"] if fmt == "auto" else [fmt]
-        last_error: Exception | None = None
-        for used in formats:
-            # Created here so that it lands in this experiment (MLflow would pick the fluent default one).
-            logged = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=run_id,
-                                                     tags={"model.format": used})
-            try:
-                kwargs: dict[str, Any] = {}
-                if used == "pickle":
-                    kwargs["code_paths"] = [str(PROJECT_ROOT / "pipeline")]
-                info = mlflow.pytorch.log_model(
-                    model, name=name, run_id=run_id, model_id=logged.model_id, signature=signature,
-                    input_example=numpy_example, serialization_format=used, pip_requirements=reqs, **kwargs)
-                self.client.finalize_logged_model(logged.model_id, "READY")
-            except Exception as exc:  # torch.export can reject a model; pickle is the fallback
-                last_error = exc
-                self.client.finalize_logged_model(logged.model_id, "FAILED")
-                if fmt == "auto" and used == "pt2":
-                    log.warning("torch.export of the model failed (%s: %s); logging it with pickle instead",
-                                type(exc).__name__, str(exc)[:300])
-                    continue
-                raise
-            self.set_tags(run_id, {"model.format": used})
-            return info.model_uri, info.model_id, used
-        raise RuntimeError(f"could not log the model: {last_error}")  # pragma: no cover
+        reqs = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
+        # Created here so that it lands in this experiment (MLflow would pick the fluent default one).
+        logged = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=run_id,
+                                                 tags={"model.format": "pyfunc"})
+        try:
+            # Model.log (what pyfunc.log_model calls) takes the run explicitly: no fluent active run needed.
+            info = mlflow.models.Model.log(
+                artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id,
+                python_model=model.python_model, artifacts=model.artifacts, model_config=model.model_config,
+                input_example=model.input_example, code_paths=[str(PROJECT_ROOT / "pipeline")],
+                pip_requirements=reqs)
+        except BaseException:
+            self.client.finalize_logged_model(logged.model_id, "FAILED")
+            raise
+        self.client.finalize_logged_model(logged.model_id, "READY")
+        self.set_tags(run_id, {"model.format": "pyfunc"})
+        return info.model_uri, info.model_id
 
     def register_model(self, name: str, model_uri: str, run_id: str, *, model_id: str | None = None,
                        tags: Mapping[str, str] | None = None, alias: str | None = None) -> ModelVersionRef:
@@ -322,12 +299,12 @@ class Tracker:
             raise
 
     def load_model(self, model_uri: str) -> Any:
-        """Load a logged PyTorch model back (``models:/name@alias`` or ``models:/m-...``)."""
-        import mlflow.pytorch
+        """Load a logged model back as a pyfunc (``models:/name@alias`` or ``models:/m-...``)."""
+        import mlflow.pyfunc
 
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
-        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        return mlflow.pyfunc.load_model(model_uri)
 
 
 def _absent(exc: MlflowException) -> bool:

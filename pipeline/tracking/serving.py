@@ -1,82 +1,153 @@
-"""The form in which a trained method is logged as an MLflow model (no MLflow here).
+"""The MLflow model of a trained method: image + prompt in, mask out (an MLflow ``pyfunc``).
 
-``BoxPromptModel`` wraps a :class:`pipeline.modeling.methods.PromptableDecoder` (frozen SAM prompt
-encoder + mask decoder + the method's plugin) behind a tensors-only forward, which ``torch.export``
-(MLflow's ``pt2`` format) and MLflow's PyTorch flavour both accept:
+The registered ``stable-sam`` model is a :class:`PromptToMask` python model whose artifacts are the frozen
+base (``models/base``: ``sam.pt`` + ``base.json``) and the method's plugin file; it segments through
+:class:`pipeline.inference.Predictor`, so it gives the masks of the CLI and of the evaluation. One row per
+request, all columns strings (so that ``mlflow models serve`` takes plain JSON):
 
-    image_embeddings (B, C, g, g) float32, boxes (B, 4) float32 XYXY in the model-input frame
-    -> low_res_logits (B, 1, 4g, 4g)   (single-mask output; upsample with pipeline.modeling.transforms)
+| column | content |
+|---|---|
+| ``image`` | the image file's bytes (JPEG/PNG/...), base64 |
+| ``box`` | ``"[x0, y0, x1, y1]"`` in image pixels, or ``""`` |
+| ``points`` | ``"[[x, y], ...]"``, or ``""`` |
+| ``labels`` | ``"[1, 0, ...]"`` (1 foreground, 0 background; default all 1), or ``""`` |
 
-    python -c "from pipeline.tracking.serving import build_serving_model; \\
-m, ex = build_serving_model('stable_sam', 'models/base', 'models/plugins/stable_sam.pt'); print(m(*ex).shape)"
+Output rows: ``mask_rle`` (COCO RLE ``counts`` string; decode with ``pipeline.data.rle.decode(counts, h, w)``
+or pycocotools), ``height``, ``width``, ``area``, ``score`` (SAM's predicted IoU), ``alpha1`` (DRP's weight
+of the deformed features; NaN without DRP).
+
+    import mlflow
+    m = mlflow.pyfunc.load_model("models:/stable-sam@champion")
+    m.predict(pandas.DataFrame([{"image": b64, "box": "[10, 20, 120, 160]", "points": "", "labels": ""}]))
 """
 from __future__ import annotations
 
+import base64
+import io
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+import mlflow.pyfunc
+import numpy as np
+
+INPUT_COLUMNS = ("image", "box", "points", "labels")
+OUTPUT_COLUMNS = ("mask_rle", "height", "width", "area", "score", "alpha1")
 
 
-class BoxPromptModel(nn.Module):
-    """(image_embeddings ``(B, C, g, g)``, boxes ``(B, 4)``) -> low_res_logits ``(B, 1, 4g, 4g)``."""
-
-    def __init__(self, decoder: nn.Module) -> None:
-        super().__init__()
-        self.decoder = decoder
-
-    def forward(self, image_embeddings: Tensor, boxes: Tensor) -> Tensor:
-        from pipeline.modeling.methods import PromptBatch
-
-        out = self.decoder(image_embeddings, PromptBatch(boxes=boxes), multimask_output=False)
-        return out.low_res_logits
+def encode_image_file(path: str | Path) -> str:
+    """An image file -> the base64 string the ``image`` column takes."""
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
-def example_inputs(channels: int, grid: int, img_size: int, batch: int = 2) -> tuple[Tensor, Tensor]:
-    """A deterministic input example (batch > 1 so that torch.export keeps the batch dimension dynamic)."""
-    gen = torch.Generator().manual_seed(0)
-    emb = torch.randn(batch, channels, grid, grid, generator=gen)
-    corners = torch.tensor([[0.1, 0.1, 0.6, 0.7], [0.3, 0.2, 0.9, 0.8]])
-    boxes = corners[torch.arange(batch) % 2] * float(img_size)
-    return emb, boxes
+def _decode_image(text: str, row: int) -> np.ndarray:
+    from PIL import Image
+
+    from pipeline.data.images import image_to_rgb
+
+    try:
+        return image_to_rgb(Image.open(io.BytesIO(base64.b64decode(text, validate=True))))
+    except Exception as exc:
+        raise ValueError(f"row {row}: 'image' is not a base64-encoded image file ({type(exc).__name__}: {exc})") from None
 
 
-def load_plugin_checkpoint(path: Path, method: str) -> dict[str, Tensor]:
-    """The ``state_dict`` of ``models/plugins/<method>.pt`` ({"method", "state_dict"}), checked for the method."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no trained weights for {method!r}; run `dvc repro train@{method}`")
-    ckpt: Any = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"{path}: expected a dict with 'method' and 'state_dict' (written by stages.train)")
-    if ckpt.get("method", method) != method:
-        raise ValueError(f"{path}: holds method {ckpt.get('method')!r}, not {method!r}")
-    return ckpt["state_dict"]
+def _json_field(value: Any, name: str, row: int) -> Any:
+    if value is None or (isinstance(value, float) and np.isnan(value)) or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise ValueError(f"row {row}: {name!r} must be JSON, e.g. '[10, 20, 120, 160]', got {value!r}") from None
 
 
-def build_serving_model(method: str, base_dir: str | Path, plugin_path: str | Path | None,
-                        plugin_cfg: Any = None) -> tuple[BoxPromptModel, tuple[Tensor, Tensor]]:
-    """Frozen base SAM + trained plugin of ``method`` as a :class:`BoxPromptModel` (eval mode) + input example.
+class PromptToMask(mlflow.pyfunc.PythonModel):
+    """pyfunc: DataFrame of requests (see the module docstring) -> DataFrame of masks."""
 
-    ``plugin_path`` may be None only for methods without trained weights (``sam``).
-    """
-    from pipeline.config import load_params
-    from pipeline.modeling.backbones import load_base
-    from pipeline.modeling.methods import build_method
+    def load_context(self, context: Any) -> None:
+        from pipeline.inference.predictor import Predictor
 
-    sam, info = load_base(Path(base_dir))
-    if plugin_cfg is None:
-        plugin_cfg = load_params().plugin
-    decoder = build_method(method, sam, plugin_cfg)
-    if plugin_path is not None:
-        decoder.load_plugin_state_dict(load_plugin_checkpoint(Path(plugin_path), method))
-    elif decoder.num_trainable:
-        raise ValueError(f"method {method!r} has trained weights: pass its models/plugins/{method}.pt")
-    model = BoxPromptModel(decoder).eval()
-    grid = int(sam.prompt_encoder.image_embedding_size[0])
-    channels = int(sam.prompt_encoder.embed_dim)
-    return model, example_inputs(channels, grid, int(info.get("img_size", sam.image_encoder.img_size)))
+        cfg = context.model_config or {}
+        plugin = context.artifacts.get("plugin") or None
+        self.predictor = Predictor.from_pretrained(context.artifacts["base"], cfg.get("method", "stable_sam"), plugin,
+                                                   device=cfg.get("device", "auto"))
+
+    def predict(self, context, model_input, params=None):  # noqa: ANN001,ANN201 - MLflow reads type hints as a schema
+        import pandas as pd
+
+        from pipeline.data import rle
+        from pipeline.inference.requests import check_inside, make_prompt
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        missing = [c for c in ("image",) if c not in frame.columns]
+        if missing:
+            raise ValueError(f"input needs the columns {list(INPUT_COLUMNS)} (missing {missing})")
+        out = []
+        last_image: str | None = None
+        image = np.zeros((0, 0, 3), np.uint8)
+        for i, row in enumerate(frame.to_dict("records")):
+            if row["image"] != last_image:
+                image = _decode_image(row["image"], i)
+                self.predictor.set_image(image)
+                last_image = row["image"]
+            points = _json_field(row.get("points"), "points", i) or []
+            labels = _json_field(row.get("labels"), "labels", i)
+            labels = [1] * len(points) if labels is None else labels
+            if len(labels) != len(points):
+                raise ValueError(f"row {i}: {len(points)} points but {len(labels)} labels")
+            pos = [p for p, lab in zip(points, labels) if int(lab) == 1]
+            neg = [p for p, lab in zip(points, labels) if int(lab) != 1]
+            prompt = make_prompt(_json_field(row.get("box"), "box", i), pos, neg)
+            check_inside(prompt, image.shape[:2], f"row {i}")
+            masks, scores, _ = self.predictor.predict(point_coords=prompt.points, point_labels=prompt.point_labels,
+                                                      box=prompt.box, multimask_output=False)
+            alpha = self.predictor.last_alpha1
+            out.append({"mask_rle": rle.encode(masks[0]), "height": int(image.shape[0]), "width": int(image.shape[1]),
+                        "area": int(masks[0].sum()), "score": float(scores[0]),
+                        "alpha1": float("nan") if alpha is None else float(alpha[0])})
+        return pd.DataFrame(out, columns=list(OUTPUT_COLUMNS))
 
 
-__all__ = ["BoxPromptModel", "build_serving_model", "example_inputs", "load_plugin_checkpoint"]
+@dataclass
+class ServingModel:
+    """Everything ``Tracker.log_pyfunc_model`` needs to log one method as an MLflow model."""
+
+    python_model: Any
+    artifacts: dict[str, str]
+    model_config: dict[str, Any]
+    input_example: Any  # a pandas DataFrame of one request
+
+
+def example_request(base_dir: Path) -> Any:
+    """A one-row input example: a small generated scene with a box prompt (the model's own input format)."""
+    import pandas as pd
+    from PIL import Image
+
+    from pipeline.data.synthetic import generate_sample
+
+    sample = generate_sample(np.random.default_rng(0), "salient", 96, 128, 1)
+    ys, xs = np.nonzero(sample.target)
+    buf = io.BytesIO()
+    Image.fromarray(sample.image).save(buf, format="PNG")
+    box = [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]
+    return pd.DataFrame([{"image": base64.b64encode(buf.getvalue()).decode("ascii"), "box": json.dumps(box),
+                          "points": "", "labels": ""}])
+
+
+def build_serving_model(method: str, base_dir: str | Path, plugin_path: str | Path | None) -> ServingModel:
+    """The :class:`ServingModel` of ``method`` (its plugin file checked now, not at serving time)."""
+    from pipeline.inference.predictor import Predictor
+
+    base_dir = Path(base_dir)
+    plugin = Path(plugin_path) if plugin_path is not None and Path(plugin_path).is_file() else None
+    Predictor.from_pretrained(base_dir, method, plugin, device="cpu")  # fails now, naming the file, if unusable
+    artifacts = {"base": str(base_dir)}
+    if plugin is not None:
+        artifacts["plugin"] = str(plugin)
+    return ServingModel(PromptToMask(), artifacts, {"method": method}, example_request(base_dir))
+
+
+__all__ = ["INPUT_COLUMNS", "OUTPUT_COLUMNS", "PromptToMask", "ServingModel", "build_serving_model",
+           "encode_image_file", "example_request"]

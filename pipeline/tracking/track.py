@@ -20,9 +20,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
-
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Callable, Optional
 
 from pipeline.common.atomic import atomic_write_json
 from pipeline.config import Params, TrackingConfig
@@ -31,11 +29,14 @@ from pipeline.tracking.collect import (
 )
 from pipeline.tracking.mlflow_adapter import RUN_KEY_TAG, RunRef, Tracker
 
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.tracking.serving import ServingModel
+
 log = logging.getLogger(__name__)
 
 KIND_TAG = "stable_sam.kind"
 CHALLENGER = "challenger"
-ModelBuilder = Callable[[str], "tuple[nn.Module, tuple[Tensor, ...]]"]
+ModelBuilder = Callable[[str], "ServingModel"]
 
 
 @dataclass
@@ -60,11 +61,11 @@ def registered_method(cfg: TrackingConfig) -> str:
 
 
 def default_model_builder(params: Params, outputs: PipelineOutputs) -> ModelBuilder:
-    """Base SAM from ``models/base`` + ``models/plugins/<method>.pt`` as a :class:`BoxPromptModel`."""
-    def build(method: str) -> "tuple[nn.Module, tuple[Tensor, ...]]":
+    """Base SAM from ``models/base`` + ``models/plugins/<method>.pt`` as a pyfunc :class:`ServingModel`."""
+    def build(method: str) -> "ServingModel":
         from pipeline.tracking.serving import build_serving_model
 
-        return build_serving_model(method, outputs.base, outputs.plugins / f"{method}.pt", params.plugin)
+        return build_serving_model(method, outputs.base, outputs.plugins / f"{method}.pt")
     return build
 
 
@@ -104,10 +105,8 @@ def _log_method(tracker: Tracker, run: RunRef, method: str, collected: Collected
         result.model_version = done["registered.version"]
         result.model_format = done.get("model.format", "")
         return
-    model, example = build_model(method)
-    uri, model_id, fmt = tracker.log_torch_model(
-        run.run_id, model, example, name="model", fmt=params.tracking.model_format,
-        input_names=("image_embeddings", "boxes"))
+    uri, model_id = tracker.log_pyfunc_model(run.run_id, build_model(method), name="model")
+    fmt = "pyfunc"
     version = tracker.register_model(
         params.tracking.registered_model, uri, run.run_id, model_id=model_id, alias=CHALLENGER,
         tags={"method": method, "git.commit": collected.tags.get("git.commit", "none"),

@@ -1,10 +1,9 @@
-"""Resumable training checkpoints and the published plugin file.
+"""Resumable training checkpoints (the published plugin file is pipeline.modeling.plugin_file).
 
-``<out>/<method>.ckpt`` (resume): plugin weights, optimiser state, step, RNG states (torch, CUDA, numpy,
-python), every rank's reader position, the loss history and the config. ``<out>/<method>.pt``
-(published): ``{"method", "state_dict" (ONLY the trainable tensors), "config", "base_sha256", ...}``.
-Both are written atomically and read with ``torch.load(..., weights_only=True)``: RNG states are stored
-as tensors and plain Python lists, never pickled objects.
+``<checkpoints>/<method>.ckpt``: plugin weights, optimiser state, step, RNG states (torch, CUDA, numpy,
+python), every rank's reader position, the loss history and the config. Written atomically and read with
+``torch.load(..., weights_only=True)``: RNG states are stored as tensors and plain Python lists, never
+pickled objects.
 """
 from __future__ import annotations
 
@@ -71,23 +70,3 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("version") != CKPT_VERSION:
         raise RuntimeError(f"{path}: not a version-{CKPT_VERSION} training checkpoint; delete it to start over")
     return ckpt
-
-
-def save_plugin(path: Path, *, method: str, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any],
-                base_sha256: str, extra: Mapping[str, Any] | None = None) -> None:
-    """Publish the trained plugin: only the trainable tensors, never SAM's weights."""
-    payload = {"method": method, "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
-               "config": dict(config), "base_sha256": base_sha256, **dict(extra or {})}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def load_plugin(path: Path) -> dict[str, Any]:
-    """Read a published plugin file (``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no plugin file (run `dvc repro train`)")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict) or "state_dict" not in obj or "method" not in obj:
-        raise ValueError(f"{path}: not a plugin file (expected keys method, state_dict, config, base_sha256)")
-    return obj

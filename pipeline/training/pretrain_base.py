@@ -22,6 +22,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -30,14 +31,15 @@ from segment_anything.modeling import Sam
 from tqdm import tqdm
 
 from pipeline.common.atomic import atomic_path, atomic_write_json
-from pipeline.config import BasePretrainConfig, GenerateConfig
+from pipeline.config import BasePretrainConfig, GenerateConfig, PromptsConfig
 from pipeline.data.synthetic import generate_sample
+from pipeline.inference.prompts import Prompt, collate
 from pipeline.modeling.backbones import build_tiny
 from pipeline.modeling.decoder import decode_with_alpha
 from pipeline.modeling.transforms import PIXEL_MEAN, PIXEL_STD, mask_to_input_frame, preprocess
+from pipeline.prompts.boxes import noisy_box
+from pipeline.prompts.coarse import coarse_mask, coarse_mask_logits
 
-# train sets of the embedded default: 2 "thin" (DIS5K-TR, ThinObject5K-TR) of 7
-THIN_FRACTION = 2 / 7
 POOL_SEED_TAG = 7777  # keeps the pre-training pool disjoint from the generated dataset's seeds
 HOLDOUT_SEED_TAG = 8888
 
@@ -62,7 +64,7 @@ def build_pool(n: int, seed_tag: int, cfg: BasePretrainConfig, gen: GenerateConf
     std = torch.tensor(PIXEL_STD).view(3, 1, 1)
     for i in tqdm(range(n), desc=f"render pool ({n})", unit="img"):
         rng = np.random.default_rng([cfg.seed, seed_tag, i])
-        st = style or ("thin" if rng.random() < THIN_FRACTION else "salient")
+        st = style or ("thin" if rng.random() < cfg.thin_fraction else "salient")
         sample = generate_sample(rng, st, gen.min_side, gen.max_side, gen.max_distractors)
         x, (h, w) = preprocess(sample.image, s)
         raw = (x * std + mean).round().clamp(0, 255)
@@ -83,36 +85,50 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return x.masked_fill(pad, 0.0)
 
 
-def batched_decode(sam: Sam, emb: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """B embeddings, one prompt each -> (all 4 masks ``[B, 4, 4g, 4g]``, IoU predictions ``[B, 4]``)."""
+def decode_all(sam: Sam, emb: torch.Tensor, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
+    """B embeddings, one model-input-frame prompt each (one signature, so no padding) ->
+    (all 4 masks ``[B, 4, 4g, 4g]``, IoU predictions ``[B, 4]``)."""
+    batch = collate(prompts, emb.device)
+    points = None if batch.points is None else (batch.points, batch.point_labels)
+    sparse, dense = sam.prompt_encoder(points=points, boxes=batch.boxes, masks=batch.mask_inputs)
+    if sparse.shape[0] != emb.shape[0]:  # SAM's encoder returns a batch of 1 without sparse prompts
+        sparse, dense = sparse.expand(emb.shape[0], -1, -1), dense.expand(emb.shape[0], -1, -1, -1)
     res = decode_with_alpha(sam.mask_decoder, emb, sam.prompt_encoder.get_dense_pe(), sparse, dense, None)
     return res.low_res_logits, res.iou_pred
 
 
-def boxes_from(hi: torch.Tensor) -> torch.Tensor:
-    """Tight XYXY boxes ``[B, 4]`` of bool masks ``[B, S, S]``."""
-    out = torch.zeros(hi.shape[0], 4)
+def box_prompts(hi: torch.Tensor) -> list[Prompt]:
+    """Tight XYXY GT-box prompts of bool masks ``[B, S, S]`` (model-input frame)."""
+    out = []
     for b in range(hi.shape[0]):
         ys, xs = torch.nonzero(hi[b], as_tuple=True)
-        if len(xs):
-            out[b] = torch.tensor([xs.min(), ys.min(), xs.max(), ys.max()], dtype=torch.float32)
+        box = [0.0, 0.0, 0.0, 0.0] if not len(xs) else [xs.min(), ys.min(), xs.max(), ys.max()]
+        out.append(Prompt(box=np.asarray([float(v) for v in box], np.float32), prompt_type="gt_box"))
     return out
 
 
-def points_from(hi: torch.Tensor, counts: list[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``counts[b]`` positive points uniformly inside each mask, padded with label -1: ``[B, K, 2]``, ``[B, K]``."""
-    k_max = max(counts)
-    pts = torch.zeros(hi.shape[0], k_max, 2)
-    labels = -torch.ones(hi.shape[0], k_max, dtype=torch.int64)
-    for b, k in enumerate(counts):
+def point_prompts(hi: torch.Tensor, k: int, gen: torch.Generator) -> list[Prompt]:
+    """``k`` positive points uniformly inside each mask ``[B, S, S]`` (pixel centres, model-input frame)."""
+    out = []
+    for b in range(hi.shape[0]):
         ys, xs = torch.nonzero(hi[b], as_tuple=True)
         if not len(xs):
-            continue
+            ys, xs = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
         idx = torch.randint(len(xs), (k,), generator=gen)
-        pts[b, :k, 0] = xs[idx].float() + 0.5
-        pts[b, :k, 1] = ys[idx].float() + 0.5
-        labels[b, :k] = 1
-    return pts, labels
+        pts = torch.stack([xs[idx].float() + 0.5, ys[idx].float() + 0.5], 1).numpy()
+        out.append(Prompt(points=pts, prompt_type=f"point_{k}"))
+    return out
+
+
+def mask_prompts(targets: torch.Tensor, band: float, logits: tuple[float, float], gen: torch.Generator) -> list[Prompt]:
+    """Coarse-mask prompts (HQ-SAM's boundary-band noise on the ``[B, 4g, 4g]`` soft GT), as SAM's dense
+    mask input with the (background, foreground) values ``logits`` that the plugins' training mix feeds."""
+    seed = int(torch.randint(1 << 31, (1,), generator=gen))
+    out = []
+    for b in range(targets.shape[0]):
+        coarse = coarse_mask(targets[b].numpy(), band, np.random.default_rng([seed, b]))
+        out.append(Prompt(mask_input=coarse_mask_logits(coarse, *logits), prompt_type="coarse_mask"))
+    return out
 
 
 def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -131,40 +147,30 @@ def hard_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
-def noisy_boxes(box: torch.Tensor, scale: float, gen: torch.Generator, limit: float) -> torch.Tensor:
-    """HQ-SAM/DN-DETR box noise (no IoU floor; only for monitoring the base's weakness)."""
-    cx, cy = (box[:, 0] + box[:, 2]) / 2, (box[:, 1] + box[:, 3]) / 2
-    w, h = box[:, 2] - box[:, 0], box[:, 3] - box[:, 1]
-    noise = (torch.rand(box.shape[0], 4, generator=gen) * 2 - 1) * torch.stack([w / 2, h / 2, w, h], 1) * scale
-    cx, cy, w, h = cx + noise[:, 0], cy + noise[:, 1], (w + noise[:, 2]).clamp(min=2), (h + noise[:, 3]).clamp(min=2)
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1).clamp(0, limit)
-
-
 @torch.inference_mode()
 def quick_eval(sam: Sam, pool: Pool, batch: int = 16) -> dict[str, float]:
-    """mIoU (low-res, input frame) of the single-mask output for GT box, noisy box and one point."""
+    """mIoU (low-res, input frame) of the single-mask output for GT box, noisy box (SPEC noise 0.4, IoU >= 0.5),
+    one and three points."""
     sam.eval()
     gen = torch.Generator().manual_seed(123)
+    rng = np.random.default_rng(123)
+    side = pool.images.shape[-1]
     scores: dict[str, list[float]] = {"gt_box": [], "noisy_box": [], "point_1": [], "point_3": []}
     for start in range(0, pool.images.shape[0], batch):
         sl = slice(start, start + batch)
         emb = sam.image_encoder(normalise(pool.images[sl]))
-        box = boxes_from(pool.hi_targets[sl])
-        prompts = {
-            "gt_box": (None, box),
-            "noisy_box": (None, noisy_boxes(box, 0.4, gen, float(pool.images.shape[-1]))),
-            "point_1": (points_from(pool.hi_targets[sl], [1] * box.shape[0], gen), None),
-            "point_3": (points_from(pool.hi_targets[sl], [3] * box.shape[0], gen), None),
-        }
-        for name, (pts, bx) in prompts.items():
-            sparse, dense = sam.prompt_encoder(points=pts, boxes=bx, masks=None)
-            masks, _ = batched_decode(sam, emb, sparse, dense)
+        hi = pool.hi_targets[sl]
+        boxes = box_prompts(hi)
+        noisy = [Prompt(box=noisy_box(b.box, (side, side), 0.4, 0.5, rng).box, prompt_type="noisy_box") for b in boxes]
+        for name, prompts in (("gt_box", boxes), ("noisy_box", noisy), ("point_1", point_prompts(hi, 1, gen)),
+                              ("point_3", point_prompts(hi, 3, gen))):
+            masks, _ = decode_all(sam, emb, prompts)
             scores[name] += hard_iou(masks[:, 0], pool.targets[sl]).tolist()
     sam.train()
     return {k: 100 * float(np.mean(v)) for k, v in scores.items()}
 
 
-def pretrain(cfg: BasePretrainConfig, gen_cfg: GenerateConfig, out: Path, *, resume: bool = True,
+def pretrain(cfg: BasePretrainConfig, gen_cfg: GenerateConfig, prompts_cfg: PromptsConfig, out: Path, *, resume: bool = True,
              holdout: int = 96, log_every: int = 50, eval_every: int = 250, stop_after: int | None = None) -> dict:
     """Train the tiny SAM on clean prompts; writes ``out`` (state dict) and ``out.json`` (quality).
 
@@ -213,19 +219,22 @@ def pretrain(cfg: BasePretrainConfig, gen_cfg: GenerateConfig, out: Path, *, res
             # re-pad: flipping moves the right padding to the left; keep SAM's bottom/right padding
             images, targets, hi = _repad(images, targets, hi)
         emb = sam.image_encoder(normalise(images))
-        use_box = step < box_only_steps or torch.rand(1, generator=gen).item() < 0.5
-        if use_box:
-            sparse, dense = sam.prompt_encoder(points=None, boxes=boxes_from(hi), masks=None)
-            single = torch.ones(cfg.batch_size, dtype=torch.bool)
+        # One prompt kind per batch (so one signature: no padding tokens). SAM's recipe: a box or several
+        # points supervise the single-mask output; one point is ambiguous and supervises the best of the
+        # three multimask outputs; a coarse mask (as the plugins' training mix feeds it) the single output.
+        draw = torch.rand(2, generator=gen).tolist()
+        if step < box_only_steps or draw[0] < 0.5 * (1 - cfg.mask_prompt_p):
+            prompts, single = box_prompts(hi), True
+        elif draw[0] < 1 - cfg.mask_prompt_p:
+            k = int(torch.randint(1, 11, (1,), generator=gen))
+            prompts, single = point_prompts(hi, k, gen), k > 1
         else:
-            counts = torch.randint(1, 11, (cfg.batch_size,), generator=gen).tolist()
-            pts = points_from(hi, counts, gen)
-            sparse, dense = sam.prompt_encoder(points=pts, boxes=None, masks=None)
-            single = torch.tensor([c > 1 for c in counts])
-        masks, iou_pred = batched_decode(sam, emb, sparse, dense)
+            prompts, single = mask_prompts(targets, prompts_cfg.coarse_mask_band,
+                                           tuple(prompts_cfg.coarse_mask_logits), gen), True  # type: ignore[arg-type]
+        masks, iou_pred = decode_all(sam, emb, prompts)
         losses = torch.stack([seg_loss(masks[:, k], targets) for k in range(4)], 1)  # [B, 4]
         multi_best = losses[:, 1:].argmin(1) + 1
-        chosen = torch.where(single, torch.zeros_like(multi_best), multi_best)
+        chosen = torch.zeros_like(multi_best) if single else multi_best
         seg = losses.gather(1, chosen[:, None])[:, 0].mean()
         with torch.no_grad():
             true_iou = torch.stack([hard_iou(masks[:, k], targets) for k in range(4)], 1)
@@ -238,7 +247,7 @@ def pretrain(cfg: BasePretrainConfig, gen_cfg: GenerateConfig, out: Path, *, res
         step += 1
         bar.update()
         if step % log_every == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", box="y" if use_box else "n")
+            bar.set_postfix(loss=f"{loss.item():.3f}", prompt=prompts[0].prompt_type)
             history.append({"step": step, "loss": float(loss.item()), "seconds": time.time() - t0})
         if step % eval_every == 0 or step == cfg.steps:
             quality = quick_eval(sam, held)

@@ -28,7 +28,6 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
@@ -36,25 +35,24 @@ from pipeline.common.hashing import sha256_file
 from pipeline.common.atomic import atomic_path, atomic_write_json, atomic_write_text
 from pipeline.config import Params
 from pipeline.data import rle
-from pipeline.data.embeddings import EmbeddingDataset, iter_views, read_cache_meta
+from pipeline.data.embeddings import EmbeddingDataset, read_cache_meta
+from pipeline.inference.predictor import Predictor
+from pipeline.inference.prompts import Prompt, collate, group_by_signature
 from pipeline.modeling.backbones import load_base
 from pipeline.modeling.methods import PromptableDecoder, build_method
+from pipeline.modeling.plugin_file import save_plugin_file
 from pipeline.modeling.transforms import mask_to_input_frame
-from pipeline.prompts.boxes import mask_to_box, noisy_box
-from pipeline.prompts.model_input import GROUP_ORDER, EncodedPrompt, collate_group, encode_prompt
-from pipeline.prompts.points import foreground_index, sample_positive_points
-from pipeline.prompts.seeding import int_seed, rng_for
+from pipeline.prompts.seeding import int_seed
 from pipeline.prompts.stage import model_frame
 from pipeline.prompts.synthesis import ModelFrame
-from pipeline.prompts.tables import TrainPrompt, load_train_prompts, read_meta
+from pipeline.prompts.tables import TrainRow, load_train_prompts, read_meta
 from pipeline.training import ddp
-from pipeline.training.checkpointing import capture_rng, load_checkpoint, restore_rng, save_checkpoint, save_plugin
+from pipeline.training.checkpointing import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from pipeline.training.loss import mask_loss
+from pipeline.training.sanity import SANITY_TYPES, sanity_iou, sanity_views
 
 log = logging.getLogger(__name__)
 
-SANITY_SAMPLES = 8  # training views scored before/after (cheap sanity check, logged + in the metrics)
-SANITY_TYPES = ("gt_box", "noisy_box", "point_1")
 # Keys that may change between a checkpoint and its resumption without changing the result.
 RESUME_FREE_KEYS = {"checkpoint_every", "max_steps", "epochs", "device", "num_workers", "methods"}
 
@@ -62,13 +60,13 @@ RESUME_FREE_KEYS = {"checkpoint_every", "max_steps", "epochs", "device", "num_wo
 # ----------------------------------------------------------------------------------------- samples
 @dataclass
 class Sample:
-    """One training row, ready for the model: embedding, soft target, encoded prompt."""
+    """One training row, ready for the model: embedding, soft target, prompt in the model-input frame."""
 
     view_id: str
     epoch: int
     embedding: torch.Tensor  # float32 [C, g, g]
     target: torch.Tensor  # float32 [S, S] soft GT in the padded model-input frame
-    prompt: EncodedPrompt | None  # None: no stored prompt for this view (skipped, counted)
+    prompt: Prompt | None  # model-input frame; None: no stored prompt for this view (skipped, counted)
 
 
 class TrainSamples(IterableDataset):
@@ -78,24 +76,28 @@ class TrainSamples(IterableDataset):
     stream across workers itself).
     """
 
-    def __init__(self, rows: EmbeddingDataset, prompts: dict[str, list[TrainPrompt]], frame: ModelFrame,
-                 epoch: int) -> None:
+    def __init__(self, rows: EmbeddingDataset, prompts: dict[str, list[TrainRow]], frame: ModelFrame,
+                 epoch: int, mask_logits: tuple[float, float]) -> None:
         super().__init__()
-        self.rows, self.prompts, self.frame, self.epoch = rows, prompts, frame, epoch
+        self.rows, self.prompts, self.frame, self.epoch, self.mask_logits = rows, prompts, frame, epoch, mask_logits
 
     def __iter__(self) -> Iterator[Sample]:
         for row in self.rows:
-            yield make_sample(row, self.prompts, self.frame, self.epoch)
+            yield make_sample(row, self.prompts, self.frame, self.epoch, self.mask_logits)
 
 
-def make_sample(row: dict[str, Any], prompts: dict[str, list[TrainPrompt]], frame: ModelFrame, epoch: int) -> Sample:
-    """An embedding-cache row -> :class:`Sample` (prompt draw ``epoch mod n``)."""
+def make_sample(row: dict[str, Any], prompts: dict[str, list[TrainRow]], frame: ModelFrame, epoch: int,
+                mask_logits: tuple[float, float]) -> Sample:
+    """An embedding-cache row -> :class:`Sample` (prompt draw ``epoch mod n``, in the model-input frame)."""
     vid = row["view_id"]
     hw = (int(row["height"]), int(row["width"]))
     mask = rle.decode(row["mask_rle"], *hw)
     target = mask_to_input_frame(mask, frame.img_size, frame.img_size, frame.mode)
     draws = prompts.get(vid)
-    prompt = encode_prompt(draws[epoch % len(draws)], hw, frame) if draws else None
+    prompt = None
+    if draws:
+        stored = Prompt.from_row(draws[epoch % len(draws)], mask_logits=mask_logits, lowres_side=frame.lowres_side)
+        prompt = stored.in_input_frame(hw, frame.img_size, frame.mode)
     return Sample(vid, epoch, row["embedding"], target, prompt)
 
 
@@ -110,7 +112,7 @@ class BatchStream:
     recommendation), so ranks stay in step and the last partial batch is dropped.
     """
 
-    def __init__(self, params: Params, embeddings: Path, prompts: dict[str, list[TrainPrompt]], frame: ModelFrame,
+    def __init__(self, params: Params, embeddings: Path, prompts: dict[str, list[TrainRow]], frame: ModelFrame,
                  ctx: ddp.DistContext, local_batch: int, epoch: int = 0, batch: int = 0) -> None:
         self.params, self.embeddings, self.prompts, self.frame = params, embeddings, prompts, frame
         self.ctx, self.local_batch = ctx, local_batch
@@ -129,6 +131,7 @@ class BatchStream:
         return {"epoch": self.epoch, "batch": self.batch}
 
     def __iter__(self) -> Iterator[list[Sample]]:
+        mask_logits = tuple(self.params.prompts.coarse_mask_logits)
         while True:
             rows = self._dataset(self.epoch)
             n = rows.min_rank_rows() // self.local_batch
@@ -136,9 +139,9 @@ class BatchStream:
                 raise ValueError(f"{self.embeddings}: {rows.min_rank_rows()} training views per rank, fewer than one "
                                  f"local batch of {self.local_batch}; lower train.batch_size")
             workers = self.params.train.num_workers
-            loader = DataLoader(TrainSamples(rows, self.prompts, self.frame, self.epoch), batch_size=self.local_batch,
-                                drop_last=True, collate_fn=_collate, num_workers=workers,
-                                persistent_workers=False)
+            samples = TrainSamples(rows, self.prompts, self.frame, self.epoch, mask_logits)  # type: ignore[arg-type]
+            loader = DataLoader(samples, batch_size=self.local_batch, drop_last=True, collate_fn=_collate,
+                                num_workers=workers, persistent_workers=False)
             it = iter(loader)
             for _ in range(self.batch):  # resumed mid-epoch: replay (and drop) the batches already trained on
                 next(it)
@@ -159,23 +162,27 @@ def _autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
 
 
+def forward_samples(model: PromptableDecoder, samples: Sequence[Sample], device: torch.device,
+                    multimask_output: bool, bf16: bool = False) -> Iterator[tuple[list[Sample], torch.Tensor]]:
+    """The training forward: samples with a prompt, grouped by prompt signature (never padded, as in
+    :meth:`pipeline.inference.Predictor.predict_prompts`) -> (group members, low-res logits ``[n, M, 4g, 4g]``)."""
+    valid = [s for s in samples if s.prompt is not None]
+    for _sig, idx in group_by_signature([s.prompt for s in valid]):  # type: ignore[misc]
+        members = [valid[i] for i in idx]
+        prompts = collate([s.prompt for s in members], device)  # type: ignore[misc]
+        emb = torch.stack([s.embedding for s in members]).to(device, non_blocking=True)
+        with _autocast(device, bf16):
+            out = model(emb, prompts, multimask_output=multimask_output)
+        yield members, out.low_res_logits.float()
+
+
 def batch_loss(model: PromptableDecoder, samples: Sequence[Sample], params: Params, device: torch.device) -> tuple[torch.Tensor, int]:
-    """Sum of per-sample losses over the valid samples of a batch (decoded per prompt group), and their count."""
+    """Sum of per-sample losses over the valid samples of a batch, and their count."""
     cfg = params.train
-    pad = max(params.prompts.train_point_counts)
     total = torch.zeros((), device=device)
     count = 0
-    for group in GROUP_ORDER:
-        members = [s for s in samples if s.prompt is not None and s.prompt.group == group]
-        if not members:
-            continue
-        prompts = collate_group([s.prompt for s in members], pad_points_to=pad,
-                                mask_logits=tuple(params.prompts.coarse_mask_logits)).to(device)
-        emb = torch.stack([s.embedding for s in members]).to(device, non_blocking=True)
+    for members, logits in forward_samples(model, samples, device, cfg.multimask_output, cfg.bf16):
         targets = torch.stack([s.target for s in members])[:, None].to(device, non_blocking=True)
-        with _autocast(device, cfg.bf16):
-            out = model(emb, prompts, multimask_output=cfg.multimask_output)
-        logits = out.low_res_logits.float()
         per_mask = []
         for m in range(logits.shape[1]):  # 1 (single-mask) or 3 (multimask: keep the best, as SAM)
             terms = mask_loss(logits[:, m : m + 1], targets, num_points=cfg.loss_points, oversample=cfg.oversample_ratio,
@@ -198,70 +205,6 @@ def frozen_checksum(module: torch.nn.Module, exclude: Iterable[torch.Tensor] = (
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
-
-
-@dataclass
-class SanityItem:
-    view_id: str
-    embedding: torch.Tensor
-    mask: np.ndarray
-    target: torch.Tensor
-    input_hw: tuple[int, int]
-
-
-def sanity_items(embeddings: Path, frame: ModelFrame, n: int = SANITY_SAMPLES) -> list[SanityItem]:
-    """The first ``n`` training views in stored order (GT decoded)."""
-    items = []
-    for row in iter_views(embeddings, "train"):
-        mask = rle.decode(row["mask_rle"], int(row["height"]), int(row["width"]))
-        if not mask.any():
-            continue
-        items.append(SanityItem(row["view_id"], row["embedding"], mask,
-                                mask_to_input_frame(mask, frame.img_size, frame.img_size, frame.mode),
-                                (int(row["input_h"]), int(row["input_w"]))))
-        if len(items) >= n:
-            break
-    return items
-
-
-@torch.no_grad()
-def sanity_iou(model: PromptableDecoder, items: Sequence[SanityItem], params: Params, frame: ModelFrame,
-               device: torch.device) -> dict[str, float]:
-    """Mean IoU (at the model-input resolution, padding cropped) for GT box / noisy box / one point."""
-    if not items:
-        return {}
-    was_training = model.training
-    model.eval()
-    out: dict[str, float] = {}
-    for kind in SANITY_TYPES:
-        encoded = []
-        for it in items:
-            rng = rng_for(params.seed, "sanity", it.view_id, kind)
-            gt = mask_to_box(it.mask)
-            if kind == "gt_box":
-                p = TrainPrompt("gt_box", gt, None, None)
-            elif kind == "noisy_box":
-                nb = noisy_box(gt, it.mask.shape, params.prompts.box_noise_scale, params.prompts.noisy_box_min_iou, rng)
-                p = TrainPrompt("noisy_box", nb.box, None, None)
-            else:
-                pts = sample_positive_points(foreground_index(it.mask), it.mask.shape[1], 1, rng)
-                p = TrainPrompt("points", None, pts, None)
-            encoded.append(encode_prompt(p, it.mask.shape, frame))
-        batch = collate_group(encoded, pad_points_to=1, mask_logits=(0.0, 1.0)).to(device)
-        emb = torch.stack([it.embedding for it in items]).to(device)
-        with _autocast(device, params.train.bf16):
-            logits = model(emb, batch, multimask_output=False).low_res_logits.float()
-        up = F.interpolate(logits, (frame.img_size, frame.img_size), mode="bilinear", align_corners=False)
-        ious = []
-        for i, it in enumerate(items):
-            h, w = it.input_hw
-            pred = up[i, 0, :h, :w].cpu() > 0
-            gt = it.target[:h, :w] > 0.5
-            union = (pred | gt).sum().item()
-            ious.append((pred & gt).sum().item() / union if union else 1.0)
-        out[kind] = float(np.mean(ious))
-    model.train(was_training)
-    return out
 
 
 # ------------------------------------------------------------------------------------------ outputs
@@ -311,6 +254,17 @@ def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[
     return diffs
 
 
+def learning_rate(cfg: Any, step: int, total_steps: int) -> float:
+    """lr of optimiser step ``step`` (0-based): linear warm-up over ``train.warmup_steps``, then constant or
+    cosine to 0 at ``total_steps`` (``train.lr_schedule``)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        t = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+    return cfg.lr
+
+
 def _total_steps(params: Params, per_epoch: int) -> int:
     if params.train.max_steps > 0:
         return params.train.max_steps
@@ -339,7 +293,8 @@ def train(
     training starts over, which is what ``dvc repro`` wants after ``dvc exp run -S train.lr=...``. ``stop_after`` (tests) simulates
     an interruption: the run checkpoints at that step and returns ``{"stopped_at": step}`` without
     writing the final outputs. Returns the metrics dict (``final_loss`` = mean loss of the last 10 steps,
-    ``sanity_iou`` = mean IoU of SANITY_TYPES prompts on the first training views, before/after).
+    ``sanity_iou`` = mIoU of SANITY_TYPES prompts on training and eval views, before/after:
+    pipeline.training.sanity).
     """
     embeddings, prompts, base, out, metrics, plots = map(Path, (embeddings, prompts, base, out, metrics, plots))
     cfg = params.train
@@ -377,7 +332,7 @@ def _train(params: Params, method: str, ctx: ddp.DistContext, *, embeddings: Pat
         result = {"method": method, "trainable_params": 0, "steps": 0, "samples": 0, "seconds": 0.0,
                   "samples_per_s": 0.0, "final_loss": None, "world_size": ctx.world_size, "device": str(device)}
         if ctx.is_main:
-            save_plugin(plugin_path, method=method, state_dict={}, config=config,
+            save_plugin_file(plugin_path, method=method, state_dict={}, config=config,
                         base_sha256=str(info["checkpoint_sha256"]), extra={"trainable_params": 0, "steps": 0})
             atomic_write_json(metrics_path, result)
             _write_loss_outputs([], plots / f"{method}_loss.csv", plots / f"{method}_loss.png", method)
@@ -404,8 +359,9 @@ def _train(params: Params, method: str, ctx: ddp.DistContext, *, embeddings: Pat
     total_steps = _total_steps(params, per_epoch)
     ckpt_path = checkpoints / f"{method}.ckpt"
     step, history, seconds_before, skipped = 0, [], 0.0, 0
-    items = sanity_items(embeddings, frame) if ctx.is_main else []
-    sanity_before: dict[str, float] = {}
+    views = sanity_views(embeddings, cfg.sanity_views) if ctx.is_main else []
+    checker = Predictor(sam, model, postprocess=frame.mode)
+    sanity_before: dict[str, Any] = {}
     ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
     diffs: list[str] = []
     if ckpt is not None:
@@ -432,7 +388,7 @@ def _train(params: Params, method: str, ctx: ddp.DistContext, *, embeddings: Pat
     elif resume:
         log.info("no checkpoint at %s: starting %s from scratch", ckpt_path, method)
     if not sanity_before and ctx.is_main:
-        sanity_before = sanity_iou(model, items, params, frame, device)
+        sanity_before = sanity_iou(checker, views, params)
 
     def checkpoint(elapsed: float) -> None:
         positions = ddp.all_gather_object(stream.position(), ctx)
@@ -451,6 +407,8 @@ def _train(params: Params, method: str, ctx: ddp.DistContext, *, embeddings: Pat
     batches = iter(stream)
     while step < total_steps:
         samples = next(batches)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, step, total_steps)
         opt.zero_grad(set_to_none=True)
         loss_sum, count = batch_loss(model, samples, params, device)
         # Normalise by the GLOBAL number of valid samples: with gradients averaged over ranks, the update
@@ -490,15 +448,18 @@ def _train(params: Params, method: str, ctx: ddp.DistContext, *, embeddings: Pat
             raise RuntimeError("SAM's frozen weights changed during training (checksum mismatch): a bug; "
                                "the plugin file was NOT written")
         result["sam_frozen_sha256"] = frozen_after
-        result["sanity_iou"] = {"before": sanity_before, "after": sanity_iou(model, items, params, frame, device)}
-        for kind in SANITY_TYPES:
-            b, a = result["sanity_iou"]["before"].get(kind), result["sanity_iou"]["after"].get(kind)
-            if a is not None:
-                log.info("sanity %-9s IoU on %d training views: before %.3f -> after %.3f", kind, len(items), b, a)
+        result["sanity_iou"] = {"before": sanity_before, "after": sanity_iou(checker, views, params)}
+        after = result["sanity_iou"]["after"]
+        for split in ("train", "eval"):
+            for kind in SANITY_TYPES:
+                b, a = sanity_before.get(split, {}).get(kind), after.get(split, {}).get(kind)
+                if a is not None and b is not None:
+                    log.info("sanity %-5s %-9s mIoU on %d views: before %.1f -> after %.1f", split, kind,
+                             after["views"][split], b, a)
         if skipped:
             log.warning("%d training samples had no stored prompt (quarantined or stale prompts) and were skipped",
                         skipped)
-        save_plugin(out / f"{method}.pt", method=method, state_dict=model.plugin_state_dict(), config=config,
+        save_plugin_file(out / f"{method}.pt", method=method, state_dict=model.plugin_state_dict(), config=config,
                     base_sha256=str(info["checkpoint_sha256"]),
                     extra={"trainable_params": n_trainable, "steps": step})
         atomic_write_json(metrics_path, result)

@@ -1,0 +1,91 @@
+"""dvc.yaml must list every project module a stage imports, or `dvc repro` misses code changes.
+
+For each stage whose command is ``python -m stages.<name>``, the test walks the import statements of the
+stage module and of every project module it reaches (module- and function-level, statically) and fails
+naming the files that no ``deps`` entry (file or folder) covers.
+
+    .venv/bin/pytest tests/test_dvc_deps.py -q
+"""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import PROJECT_ROOT
+
+PACKAGES = ("pipeline", "stages")
+
+
+def _module_file(name: str) -> Path | None:
+    base = PROJECT_ROOT.joinpath(*name.split("."))
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    return None
+
+
+def _imported_names(path: Path, module: str) -> set[str]:
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return {n for n in names if n.split(".")[0] in PACKAGES}
+
+
+def imported_files(module: str) -> set[Path]:
+    """Project files (repo-relative) that ``python -m <module>`` imports, package ``__init__`` files excluded."""
+    seen: set[str] = set()
+    files: set[Path] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__.py and a/b/__init__.py too
+            sub = ".".join(parts[:i])
+            f = _module_file(sub)
+            if f is not None and f not in files:
+                files.add(f)
+                todo.extend(_imported_names(f, sub))
+    return {f.relative_to(PROJECT_ROOT) for f in files if f.name != "__init__.py"}
+
+
+def _stages() -> list[tuple[str, str, list[str]]]:
+    spec = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())
+    out = []
+    for name, stage in spec["stages"].items():
+        body = stage.get("do", stage)
+        match = re.search(r"python -m (stages\.\w+)", body["cmd"])
+        if match:
+            out.append((name, match.group(1), [str(d) for d in body.get("deps", [])]))
+    return out
+
+
+@pytest.mark.parametrize("stage,module,deps", _stages(), ids=[s[0] for s in _stages()])
+def test_stage_deps_cover_the_code_it_imports(stage: str, module: str, deps: list[str]) -> None:
+    def covered(path: Path) -> bool:
+        return any(path == Path(d) or Path(d) in path.parents for d in deps)
+
+    missing = sorted(str(p) for p in imported_files(module) if not covered(p))
+    assert not missing, f"dvc.yaml stage {stage!r} imports {missing} but does not list them in deps"
+
+
+def test_the_check_can_fail() -> None:
+    files = imported_files("stages.train")
+    assert Path("pipeline/training/train.py") in files and Path("pipeline/inference/prompts.py") in files
+    assert not any(p.name == "__init__.py" for p in files)
