@@ -34,7 +34,7 @@ from pipeline.data.embeddings import iter_views
 from pipeline.data.index import INDEX_SCHEMA, METADATA_KEY, mask_box
 from pipeline.data.synthetic import generate_sample
 from pipeline.data.views import build_views
-from pipeline.modeling.transforms import postprocess_logits, to_input_coords
+from pipeline.evaluation.metrics import mask_iou
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -82,23 +82,20 @@ def time_forward(encoder: torch.nn.Module, batches: list[torch.Tensor], bf16: bo
 
 def miou_changes(sam: torch.nn.Module, fp32_root: Path, bf16_root: Path, img_size: int) -> list[float]:
     """Per view: IoU(bf16 masks, GT) - IoU(fp32 masks, GT), the base decoder prompted with the GT box."""
+    from pipeline.inference.predictor import Predictor
+    from pipeline.modeling.methods import sam_decoder
+
+    predictor = Predictor(sam, sam_decoder(sam).eval())
     out = []
     bf16_rows = {r["view_id"]: r for r in iter_views(bf16_root, "train")}
-    pe = sam.prompt_encoder.get_dense_pe()
-    with torch.inference_mode():
-        for r in iter_views(fp32_root, "train"):
-            gt = rle.decode(r["mask_rle"], r["height"], r["width"])
-            box = to_input_coords(np.asarray(mask_box(gt), np.float32), (r["height"], r["width"]), img_size)
-            sparse, dense = sam.prompt_encoder(points=None, boxes=torch.from_numpy(box)[None], masks=None)
-            ious = []
-            for emb in (r["embedding"], bf16_rows[r["view_id"]]["embedding"]):
-                low, _ = sam.mask_decoder(image_embeddings=emb[None], image_pe=pe, sparse_prompt_embeddings=sparse,
-                                          dense_prompt_embeddings=dense, multimask_output=False)
-                pred = postprocess_logits(low, (r["input_h"], r["input_w"]), (r["height"], r["width"]), img_size)[0, 0] > 0
-                pred = pred.numpy()
-                union = (pred | gt).sum()
-                ious.append(float((pred & gt).sum() / union) if union else 1.0)
-            out.append(ious[1] - ious[0])
+    for r in iter_views(fp32_root, "train"):
+        gt = rle.decode(r["mask_rle"], r["height"], r["width"])
+        ious = []
+        for emb in (r["embedding"], bf16_rows[r["view_id"]]["embedding"]):
+            predictor.set_embedding(emb, (r["height"], r["width"]), (r["input_h"], r["input_w"]))
+            masks, _, _ = predictor.predict(box=np.asarray(mask_box(gt), np.float32), multimask_output=False)
+            ious.append(mask_iou(masks[0], gt))
+        out.append(ious[1] - ious[0])
     return out
 
 

@@ -9,6 +9,7 @@ dotted key (``train.lr``) and the file. ``load_params()`` is the one way code re
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -326,6 +327,12 @@ class EvaluateConfig:
         _positive("evaluate.batch_size", self.batch_size)
         _positive("evaluate.flush_every", self.flush_every)
         _validate_eval_entries(self.coco, self.folders)
+        known = [*SETS_BY_NAME, *(e["name"] for e in self.coco), *(e["name"] for e in self.folders)]
+        for name in self.benchmarks:
+            if name not in known:
+                raise ConfigError(f"evaluate.benchmarks: unknown benchmark {name!r}; an HQ set "
+                                  f"({', '.join(s for s in SETS_BY_NAME if SETS_BY_NAME[s].split == 'eval')}) or the "
+                                  "name of an evaluate.coco / evaluate.folders entry")
 
 
 @dataclass(frozen=True)
@@ -416,6 +423,10 @@ class Params:
             if name not in self.train.methods or name not in self.evaluate.methods:
                 raise ConfigError(f"seeds.methods: {name!r} must also be in train.methods and evaluate.methods "
                                   "(its first seed is the pipeline's own run)")
+        for key in ("baseline", "ours"):
+            name = getattr(self.report, key)
+            if name not in self.evaluate.methods:
+                raise ConfigError(f"report.{key}: {name!r} is not in evaluate.methods {list(self.evaluate.methods)}")
         if self.seed in self.seeds.extra:
             raise ConfigError(f"seeds.extra: {self.seed} is the pipeline's own `seed`; list only the other seeds")
 
@@ -524,6 +535,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import dataclasses
 from pathlib import Path
 from typing import Any, Callable
@@ -183,3 +184,17 @@ def test_config_imports_neither_torch_nor_segment_anything():
             "print(sorted(m for m in ('torch', 'segment_anything', 'torchvision') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PROJECT_ROOT)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"train.lr": float("nan")}, "train.lr: expected a finite number"),
+    ({"train.epochs": float("inf")}, "train.epochs: expected a finite number"),
+    ({"evaluate.benchmarks": ["COIFT", "coift"]}, "evaluate.benchmarks: unknown benchmark 'coift'"),
+    ({"report.ours": "stable-sam"}, "report.ours: 'stable-sam' is not in evaluate.methods"),
+    ({"report.baseline": "dt_sam"}, "report.baseline: 'dt_sam' is not in evaluate.methods"),
+    ({"seeds.methods": ["dsp"]}, "seeds.methods: 'dsp' must also be in train.methods"),
+    ({"seeds.extra": [0, 1]}, "seeds.extra: 0 is the pipeline's own `seed`"),
+])
+def test_config_holes_are_closed(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_params(PROJECT_ROOT / "params.yaml", override)

@@ -233,3 +233,55 @@ def test_gallery_survives_a_corrupt_predictions_file(workspace):
     rows = gallery_rows(_params(), inputs, ["DIS5K-VD", "COIFT"], notes)
     assert [r.caption.split("\n")[0] for r in rows["noisy_box"]] == ["DIS5K-VD", "DIS5K-VD"]
     assert any("COIFT" in n and "stable_sam.parquet" in n for n in notes)
+
+
+def test_recovery_ratio_in_eval_json_headline_and_summary(workspace):
+    params = _params()
+    res = _run(workspace, params, predictions_dir=None)
+    mean = json.loads(res.metrics_path.read_text())[HQ_MEAN]
+    sam, ours = mean["sam"], mean["stable_sam"]
+    for prompt in paper.RECOVERY_PROMPTS:
+        gap = sam["gt_box"]["miou"] - sam[prompt]["miou"]
+        if gap >= 0.5:
+            want = (ours[prompt]["miou"] - sam[prompt]["miou"]) / gap
+            assert ours[prompt]["recovery"] == pytest.approx(want, abs=1e-3)
+        else:
+            assert "recovery" not in ours[prompt]  # SAM loses nothing to this prompt: no ratio
+        assert "recovery" not in sam[prompt] or sam[prompt]["recovery"] == 0.0
+    head = json.loads(res.headline_path.read_text())[HQ_MEAN]["stable_sam"]
+    assert all(head[p].get("recovery") == pytest.approx(ours[p]["recovery"], abs=1e-3)
+               for p in ("noisy_box", "point_1") if "recovery" in ours[p])
+    md = res.report_md.read_text()
+    assert "**Recovery ratio**" in md and "Stable-SAM (paper, ViT-L) | 1.09 | 0.93" in md
+
+
+def test_paper_recovery_ratios():
+    assert paper.PAPER_RECOVERY["noisy_box"] == pytest.approx(1.091, abs=1e-3)
+    assert paper.PAPER_RECOVERY["point_1"] == pytest.approx(0.928, abs=1e-3)
+    assert paper.recovery(50.0, 40.0, 40.2) is None  # no gap to recover
+    assert paper.recovery(45.0, 40.0, 50.0) == pytest.approx(0.5)
+
+
+def test_seeds_aggregate_and_report(workspace, tmp_path):
+    from pipeline.evaluation.seeds import aggregate, seed_sample
+
+    hq = ["DIS5K-VD", "COIFT"]
+    base = {"gt_box": {"miou": 60.0}, "noisy_box": {"miou": 40.0}, "point_1": {"miou": 30.0}}
+    samples = {}
+    for seed, gain in ((0, 10.0), (1, 14.0), (2, 12.0)):
+        per_bench = {b: {"gt_box": {"miou": 60.0}, "noisy_box": {"miou": 40.0 + gain},
+                         "point_1": {"miou": 30.0 + gain, "alpha1": 0.6}} for b in hq}
+        samples[seed] = seed_sample(per_bench, base, "sam", hq)
+    agg = aggregate(samples)
+    r = agg["noisy_box"]["recovery"]
+    assert r["mean"] == pytest.approx(0.6) and r["std"] == pytest.approx(0.1) and r["n"] == 3
+    assert r["values"] == {"0": 0.5, "1": 0.7, "2": 0.6}
+    assert agg["point_1"]["delta"]["mean"] == pytest.approx(12.0) and agg["point_1"]["alpha1"]["mean"] == pytest.approx(0.6)
+    seeds_json = tmp_path / "seeds.json"
+    seeds_json.write_text(json.dumps({"seeds": [0, 1, 2], "baseline": "sam", "methods": {"stable_sam": agg}}))
+    t = workspace["tmp"]
+    res = build_report(_params(), workspace["eval_dir"], None, None, None, None, t / "m" / "eval.json", t / "p",
+                       t / "r" / "summary.md", seeds_json=seeds_json)
+    head = json.loads(res.headline_path.read_text())
+    assert head["seeds"]["stable_sam"]["noisy_box"]["recovery"] == {"mean": 0.6, "std": 0.1}
+    assert "0.60 ± 0.10" in res.report_md.read_text()

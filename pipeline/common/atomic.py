@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -54,6 +55,18 @@ def atomic_write_bytes(dest: str | os.PathLike[str], data: bytes) -> None:
 def atomic_write_text(dest: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` (UTF-8) to ``dest`` atomically."""
     atomic_write_bytes(dest, text.encode("utf-8"))
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float (in nested dicts and lists) replaced by None: strict JSON for
+    ``dvc metrics`` and other readers."""
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def atomic_write_json(dest: str | os.PathLike[str], obj: Any) -> None:

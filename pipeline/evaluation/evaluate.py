@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.common.atomic import atomic_path, atomic_write_json
+from pipeline.common.atomic import atomic_path, atomic_write_json, finite_json
 from pipeline.common.hashing import sha256_bytes, sha256_file
 from pipeline.config import Params
 from pipeline.data import rle
@@ -153,20 +153,11 @@ def evaluate_with_predictor(
         metrics = summarize(table)
     with atomic_path(pred_path) as tmp:
         pq.write_table(table, tmp)
-    atomic_write_json(json_path, _finite(metrics))
+    atomic_write_json(json_path, finite_json(metrics))
     if kind != "coco":
         partial.remove()
     log.info("%s / %s -> %s", benchmark, method, json_path)
     return metrics
-
-
-def _finite(obj: Any) -> Any:
-    """NaN/inf -> None, so the metrics file is strict JSON (``dvc metrics`` and other readers)."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
 
 
 def resolve_benchmark(params: Params, benchmark: str) -> tuple[str, dict[str, Any] | None]:

@@ -69,9 +69,15 @@ def mask_iou_many(preds: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tenso
     p, g = _as_bool_tensor(preds), _as_bool_tensor(gt)
     if p.ndim != 3 or p.shape[1:] != g.shape:
         raise ValueError(f"mask_iou_many: expected preds [N,H,W] and gt [H,W], got {tuple(p.shape)} and {tuple(g.shape)}")
-    inter = _count(p & g)
-    union = _count(p | g)
-    return _ratio(inter, union)
+    return mask_iou_pairs(p, g.expand_as(p))
+
+
+def mask_iou_pairs(preds: np.ndarray | torch.Tensor, gts: np.ndarray | torch.Tensor) -> np.ndarray:
+    """IoU of ``preds[i]`` with ``gts[i]``, both ``[N, H, W]`` (bool, or nonzero = foreground) -> float64 ``[N]``."""
+    p, g = _as_bool_tensor(preds), _as_bool_tensor(gts)
+    if p.shape != g.shape or p.ndim != 3:
+        raise ValueError(f"mask_iou_pairs: expected two [N,H,W] stacks, got {tuple(p.shape)} and {tuple(g.shape)}")
+    return _ratio(_count(p & g), _count(p | g))
 
 
 # ------------------------------------------------------------------------------------- Boundary IoU

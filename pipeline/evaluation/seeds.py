@@ -17,13 +17,12 @@ Training and evaluation resume (``--resume auto`` checkpoints, partial evaluatio
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.common.atomic import atomic_write_json
+from pipeline.common.atomic import atomic_write_json, finite_json
 from pipeline.config import Params, replace
 from pipeline.evaluation import paper_numbers as paper
 from pipeline.evaluation.report import add_recovery, hq_benchmarks, hq_mean, read_method_json
@@ -111,16 +110,8 @@ def run_seeds(params: Params, *, embeddings: Path, prompts: Path, base: Path, ev
             per_bench = run_extra_seed(params, seed, method, embeddings=embeddings, prompts=prompts, base=base, work=work)
             samples[seed] = seed_sample(per_bench, baseline, base_name, hq_sets)
         result["methods"][method] = aggregate(samples)
-    atomic_write_json(out, _finite(result))
+    atomic_write_json(out, finite_json(result))
     return result
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 __all__ = ["aggregate", "run_extra_seed", "run_seeds", "seed_sample"]

@@ -167,11 +167,15 @@ class Predictor:
         ``prompts`` -> :class:`DecoderOutput` (low_res_logits ``[B, M, 4g, 4g]``, iou_pred ``[B, M]``, alpha)."""
         return self.decoder(embeddings, prompts, multimask_output=multimask_output)
 
-    def postprocess(self, low_res: torch.Tensor) -> torch.Tensor:
-        """``[B, M, 4g, 4g]`` logits -> ``[B, M, H, W]`` logits at the current image's original size."""
-        if self.original_size is None or self.input_size is None:
+    def postprocess(self, low_res: torch.Tensor, input_size: tuple[int, int] | None = None,
+                    original_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """``[B, M, 4g, 4g]`` logits -> ``[B, M, H, W]`` logits at the original size of the current image (or of
+        an image given by ``input_size`` (after resizing, before padding) and ``original_size``)."""
+        input_size = input_size or self.input_size
+        original_size = original_size or self.original_size
+        if original_size is None or input_size is None:
             raise RuntimeError("no image is set: call set_image(...) or set_embedding(...) first")
-        return postprocess_logits(low_res, self.input_size, self.original_size, self.img_size, mode=self.mode)
+        return postprocess_logits(low_res, input_size, original_size, self.img_size, mode=self.mode)
 
     # ------------------------------------------------------------------------- SamPredictor API
     @torch.inference_mode()

@@ -112,9 +112,11 @@ class PromptableDecoder(nn.Module):
         self.has_router = transformer is not None and transformer.layer.router is not None
 
     # ---------------------------------------------------------------------------------------------
-    def forward(self, image_embeddings: Tensor, prompts: PromptBatch, multimask_output: bool = False) -> DecoderOutput:
+    def forward(self, image_embeddings: Tensor, prompts: PromptBatch,
+                multimask_output: Optional[bool] = False) -> DecoderOutput:
         """image_embeddings ``(B, C, g, g)`` (one per prompt row; expand one to decode many prompts) ->
-        :class:`DecoderOutput` with low_res_logits ``(B, M, 4g, 4g)``, iou_pred ``(B, M)``, alpha ``(B, 2) | None``."""
+        :class:`DecoderOutput` with low_res_logits ``(B, M, 4g, 4g)``, iou_pred ``(B, M)``, alpha ``(B, 2) | None``;
+        M = 1 (single mask), 3 (``multimask_output``) or 4 (``None``: every output, SAM-style pre-training)."""
         if image_embeddings.dim() != 4:
             raise ValueError(f"image_embeddings must be (B, C, g, g), got {tuple(image_embeddings.shape)}")
         b = image_embeddings.shape[0]
@@ -198,6 +200,13 @@ def _plugin_transformer(name: str, decoder: MaskDecoder, plugin: PluginConfig) -
         resample_pe=plugin.dsp_resample_pe,
     )
     return PatchedTwoWayTransformer(decoder.transformer, block, layer_index=PATCHED_LAYER)
+
+
+def sam_decoder(sam: Sam) -> PromptableDecoder:
+    """SAM's own prompt encoder + mask decoder as a :class:`PromptableDecoder`, NOT frozen: what base
+    pre-training trains (pipeline/training/pretrain_base.py); the image encoder stays outside."""
+    return PromptableDecoder(name="sam", prompt_encoder=sam.prompt_encoder, mask_decoder=sam.mask_decoder,
+                             transformer=None, img_size=int(sam.image_encoder.img_size), decoder_trainable=True)
 
 
 def build_method(

@@ -34,8 +34,9 @@ from pipeline.common.atomic import atomic_path, atomic_write_json
 from pipeline.config import BasePretrainConfig, GenerateConfig, PromptsConfig
 from pipeline.data.synthetic import generate_sample
 from pipeline.inference.prompts import Prompt, collate
+from pipeline.evaluation.metrics import mask_iou_pairs
 from pipeline.modeling.backbones import build_tiny
-from pipeline.modeling.decoder import decode_with_alpha
+from pipeline.modeling.methods import PromptableDecoder, sam_decoder
 from pipeline.modeling.transforms import PIXEL_MEAN, PIXEL_STD, mask_to_input_frame, preprocess
 from pipeline.prompts.boxes import noisy_box
 from pipeline.prompts.coarse import coarse_mask, coarse_mask_logits
@@ -85,16 +86,11 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return x.masked_fill(pad, 0.0)
 
 
-def decode_all(sam: Sam, emb: torch.Tensor, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
-    """B embeddings, one model-input-frame prompt each (one signature, so no padding) ->
-    (all 4 masks ``[B, 4, 4g, 4g]``, IoU predictions ``[B, 4]``)."""
-    batch = collate(prompts, emb.device)
-    points = None if batch.points is None else (batch.points, batch.point_labels)
-    sparse, dense = sam.prompt_encoder(points=points, boxes=batch.boxes, masks=batch.mask_inputs)
-    if sparse.shape[0] != emb.shape[0]:  # SAM's encoder returns a batch of 1 without sparse prompts
-        sparse, dense = sparse.expand(emb.shape[0], -1, -1), dense.expand(emb.shape[0], -1, -1, -1)
-    res = decode_with_alpha(sam.mask_decoder, emb, sam.prompt_encoder.get_dense_pe(), sparse, dense, None)
-    return res.low_res_logits, res.iou_pred
+def decode_all(decoder: PromptableDecoder, emb: torch.Tensor, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
+    """B embeddings, one model-input-frame prompt each (one signature, so no padding) through the project's
+    decoder call -> (all 4 masks ``[B, 4, 4g, 4g]``, IoU predictions ``[B, 4]``)."""
+    out = decoder(emb, collate(prompts, emb.device), multimask_output=None)
+    return out.low_res_logits, out.iou_pred
 
 
 def box_prompts(hi: torch.Tensor) -> list[Prompt]:
@@ -141,10 +137,7 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def hard_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """IoU of ``logits > 0`` vs ``target > 0.5``: ``[B, H, W]`` -> ``[B]`` (empty union -> 1)."""
-    p, t = logits > 0, target > 0.5
-    inter = (p & t).sum((1, 2)).float()
-    union = (p | t).sum((1, 2)).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    return torch.from_numpy(mask_iou_pairs(logits.detach() > 0, target > 0.5)).float()
 
 
 @torch.inference_mode()
@@ -164,7 +157,7 @@ def quick_eval(sam: Sam, pool: Pool, batch: int = 16) -> dict[str, float]:
         noisy = [Prompt(box=noisy_box(b.box, (side, side), 0.4, 0.5, rng).box, prompt_type="noisy_box") for b in boxes]
         for name, prompts in (("gt_box", boxes), ("noisy_box", noisy), ("point_1", point_prompts(hi, 1, gen)),
                               ("point_3", point_prompts(hi, 3, gen))):
-            masks, _ = decode_all(sam, emb, prompts)
+            masks, _ = decode_all(sam_decoder(sam), emb, prompts)
             scores[name] += hard_iou(masks[:, 0], pool.targets[sl]).tolist()
     sam.train()
     return {k: 100 * float(np.mean(v)) for k, v in scores.items()}
@@ -186,6 +179,7 @@ def pretrain(cfg: BasePretrainConfig, gen_cfg: GenerateConfig, prompts_cfg: Prom
     held = build_pool(holdout, HOLDOUT_SEED_TAG, cfg, gen_cfg)
     sam = build_tiny(cfg.img_size, cfg.grid)
     sam.train()
+    decoder = sam_decoder(sam)
     params = [p for p in sam.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     warmup = min(200, cfg.steps // 10)
@@ -231,7 +225,7 @@ def pretrain(cfg: BasePretrainConfig, gen_cfg: GenerateConfig, prompts_cfg: Prom
         else:
             prompts, single = mask_prompts(targets, prompts_cfg.coarse_mask_band,
                                            tuple(prompts_cfg.coarse_mask_logits), gen), True  # type: ignore[arg-type]
-        masks, iou_pred = decode_all(sam, emb, prompts)
+        masks, iou_pred = decode_all(decoder, emb, prompts)
         losses = torch.stack([seg_loss(masks[:, k], targets) for k in range(4)], 1)  # [B, 4]
         multi_best = losses[:, 1:].argmin(1) + 1
         chosen = torch.zeros_like(multi_best) if single else multi_best

@@ -2,9 +2,8 @@
 
 For every training view (or the first ``train.sanity_views``) and every eval view (same cap), three
 prompts are drawn from the GT with the prompts stage's own functions, seeded per (seed, view, kind):
-a GT box, a noisy box and one positive point. Each is decoded through
-:meth:`pipeline.inference.Predictor.predict_prompts` (the evaluation path) and scored at the view's
-original resolution. "Fit" (train) next to "generalisation" (eval) says whether a plugin learned its
+a GT box, a noisy box and one positive point. Each is decoded through the
+predictor's decode and post-processing (the evaluation path) and scored at the view's original resolution. "Fit" (train) next to "generalisation" (eval) says whether a plugin learned its
 training data at all, and whether that carried over.
 
     result = sanity_iou(Predictor(sam, model), sanity_views(Path("data/embeddings"), 0), params)
@@ -23,7 +22,7 @@ from pipeline.data import rle
 from pipeline.data.embeddings import iter_views
 from pipeline.evaluation.metrics import mask_iou_many
 from pipeline.inference.predictor import Predictor
-from pipeline.inference.prompts import Prompt
+from pipeline.inference.prompts import Prompt, collate, group_by_signature
 from pipeline.prompts.boxes import mask_to_box, noisy_box
 from pipeline.prompts.points import foreground_index, sample_positive_points
 from pipeline.prompts.seeding import rng_for
@@ -78,24 +77,33 @@ def sanity_prompts(view: SanityView, params: Params) -> list[Prompt]:
 
 
 @torch.no_grad()
-def sanity_iou(predictor: Predictor, views: Sequence[SanityView], params: Params) -> dict[str, Any]:
-    """``{split: {kind: mIoU in percent}, "views": {split: count}}`` for the predictor's method."""
+def sanity_iou(predictor: Predictor, views: Sequence[SanityView], params: Params, batch_size: int = 64) -> dict[str, Any]:
+    """``{split: {kind: mIoU in percent}, "views": {split: count}}`` for the predictor's method.
+
+    Prompts of many views are decoded together (grouped by signature, one embedding per row) through
+    :meth:`Predictor.decode`, then each mask is post-processed to its own view's size.
+    """
     if not views:
         return {}
     decoder = predictor.decoder
     was_training = decoder.training
     decoder.eval()
+    rows: list[tuple[SanityView, Prompt]] = []
+    for view in views:
+        for prompt in sanity_prompts(view, params):
+            rows.append((view, prompt.in_input_frame(view.mask.shape, predictor.img_size, predictor.mode)))  # type: ignore[arg-type]
     scores: dict[str, dict[str, list[float]]] = {s: {k: [] for k in SANITY_TYPES} for s in SPLITS}
     try:
-        for view in views:
-            predictor.set_embedding(view.embedding, view.mask.shape, view.input_hw)  # type: ignore[arg-type]
-            prompts = sanity_prompts(view, params)
-            gt = torch.from_numpy(view.mask).to(predictor.device)
-            for chunk in predictor.predict_prompts(prompts):
-                for i, iou in zip(chunk.indices, mask_iou_many(chunk.masks, gt)):
-                    scores[view.split][prompts[i].prompt_type].append(float(iou))
+        for _sig, members in group_by_signature([p for _, p in rows]):
+            for start in range(0, len(members), batch_size):
+                chunk = [rows[i] for i in members[start : start + batch_size]]
+                emb = torch.stack([v.embedding for v, _ in chunk]).to(predictor.device, torch.float32)
+                low = predictor.decode(emb, collate([p for _, p in chunk], predictor.device)).low_res_logits[:, :1]
+                for j, (view, prompt) in enumerate(chunk):
+                    mask = predictor.postprocess(low[j : j + 1], view.input_hw, view.mask.shape)[0, 0] > 0  # type: ignore[arg-type]
+                    gt = torch.from_numpy(view.mask).to(mask.device)
+                    scores[view.split][prompt.prompt_type].append(float(mask_iou_many(mask[None], gt)[0]))
     finally:
-        predictor.reset_image()
         decoder.train(was_training)
     out: dict[str, Any] = {"views": {s: sum(v.split == s for v in views) for s in SPLITS}}
     for split, by_kind in scores.items():

@@ -1,0 +1,177 @@
+"""The fidelity study: what limits Stable-SAM's gain on a given base, measured with the pipeline's own code.
+
+Every variant is trained by :func:`pipeline.training.train.train` and scored by
+:func:`pipeline.evaluation.evaluate.evaluate_benchmark` on the HQ eval sets with the stored, identical eval
+prompts (the same calls as the ``train``/``evaluate`` stages, into a scratch folder), so the numbers are
+those the pipeline would produce with these params. Variants (:data:`VARIANTS`):
+
+- the ladder of methods on the default recipe: frozen ``sam``; ``pt_sam`` (output tokens); ``dsp`` (DSP,
+  α fixed); ``stable_sam`` (DSP + DRP); ``dt_sam`` (the whole decoder: the ceiling of what the cached
+  embeddings allow a decoder-side method);
+- ``stable_sam`` under other budgets (steps), a cosine schedule, the old single stored prompt per view,
+  and the prompt mix without coarse-mask prompts;
+- the DRP's start: its gradient at step 0 (zero while DSP is the identity) and after a few steps.
+
+Results go to ``<out>/fidelity.json`` and ``reports/fidelity.md``'s measured tables (``--report``).
+
+    python -m stages.fidelity --params params.yaml --work models/fidelity --out metrics/fidelity.json
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from pipeline.common.atomic import atomic_write_json
+from pipeline.config import Params, replace
+from pipeline.evaluation import paper_numbers as paper
+from pipeline.evaluation.report import add_recovery, hq_benchmarks, hq_mean
+
+log = logging.getLogger(__name__)
+
+PROMPTS = ("gt_box", "noisy_box", "point_1", "point_3", "point_10")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the study: a method and the params it changes (dotted keys, as ``dvc exp run -S``)."""
+
+    name: str
+    method: str
+    changes: Mapping[str, Any] = field(default_factory=dict)
+    why: str = ""
+
+
+def variants(params: Params) -> list[Variant]:
+    """The study's rows for ``params`` (budgets are relative to its own ``train`` section)."""
+    steps = params.train.max_steps
+    half, double = max(1, steps // 2), steps * 2
+    return [
+        Variant("sam", "sam", {}, "the frozen base"),
+        Variant("pt_sam", "pt_sam", {}, "output tokens only (~1.3 K params)"),
+        Variant("dsp", "dsp", {}, "DSP alone, α = (1, 0)"),
+        Variant("stable_sam", "stable_sam", {}, "DSP + DRP, the default recipe"),
+        Variant("dt_sam", "dt_sam", {"train.lr": params.train.lr / 10}, "the whole decoder (ceiling), lr / 10"),
+        Variant(f"stable_sam {half} steps", "stable_sam", {"train.max_steps": half}, "half the budget"),
+        Variant(f"stable_sam {double} steps", "stable_sam", {"train.max_steps": double}, "twice the budget"),
+        Variant("stable_sam constant lr", "stable_sam", {"train.lr_schedule": "constant", "train.warmup_steps": 0},
+                "no warm-up, no decay"),
+        Variant("stable_sam 1 prompt/view", "stable_sam", {"prompts.train_prompts_per_view": 1},
+                "one stored prompt per view for every epoch (the old default)"),
+        Variant("stable_sam no mask prompts", "stable_sam",
+                {"prompts.train_type_probs": {"gt_box": 1.0, "noisy_box": 1.0, "points": 1.0, "coarse_mask": 0.0}},
+                "the RTS mix without coarse-mask prompts"),
+    ]
+
+
+def _slug(name: str) -> str:
+    return name.replace(" ", "_").replace("/", "_per_")
+
+
+def _train_prompts(params: Params, variant: Variant, work: Path, embeddings: Path, default: Path) -> Path:
+    """The pipeline's training prompts, or a fresh table when the variant changes ``prompts`` params (eval
+    prompts always stay the pipeline's own, so every variant is scored on the identical prompts)."""
+    from pipeline.prompts.stage import make_prompts
+
+    if not any(k.startswith("prompts.") for k in variant.changes):
+        return default / "train.parquet"
+    folder = work / "prompts" / _slug(variant.name)
+    if not (folder / "train.parquet").is_file():
+        make_prompts(params, embeddings, folder)
+    return folder / "train.parquet"
+
+
+def drp_gradients(params: Params, *, embeddings: Path, prompts: Path, base: Path, steps: int = 20) -> dict[str, Any]:
+    """DRP's gradient norm at step 0 and after ``steps`` Adam steps on real batches of the train stage."""
+    from pipeline.data.embeddings import read_cache_meta
+    from pipeline.modeling.backbones import load_base
+    from pipeline.modeling.methods import build_method
+    from pipeline.prompts.stage import model_frame
+    from pipeline.prompts.tables import load_train_prompts
+    from pipeline.training import ddp
+    from pipeline.training.train import BatchStream, batch_loss
+
+    sam, _ = load_base(base)
+    torch.manual_seed(params.seed)
+    model = build_method("stable_sam", sam, params.plugin).train()
+    router = model.transformer.layer.router
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=params.train.lr)
+    ctx = ddp.DistContext(0, 1, 0, torch.device("cpu"))
+    stream = iter(BatchStream(params, embeddings, load_train_prompts(prompts / "train.parquet"),
+                              model_frame(read_cache_meta(embeddings)), ctx, params.train.batch_size))
+    norms = []
+    for _ in range(steps + 1):
+        opt.zero_grad(set_to_none=True)
+        loss, n = batch_loss(model, next(stream), params, torch.device("cpu"))
+        (loss / max(n, 1)).backward()
+        norms.append(float(sum(p.grad.norm() ** 2 for p in router.parameters() if p.grad is not None) ** 0.5))
+        opt.step()
+    return {"drp_grad_norm_step0": norms[0], f"drp_grad_norm_step{steps}": norms[-1], "steps": steps}
+
+
+def run_variant(params: Params, variant: Variant, *, embeddings: Path, prompts: Path, base: Path,
+                work: Path) -> dict[str, Any]:
+    """Train (unless ``sam``) and score one variant; returns its hq_mean rows, fit and timing."""
+    from pipeline.evaluation.evaluate import evaluate_benchmark
+    from pipeline.training.train import train
+
+    p = replace(params, **dict(variant.changes)) if variant.changes else params
+    d = work / _slug(variant.name)
+    train_prompts = _train_prompts(p, variant, work, embeddings, prompts)
+    t0 = time.perf_counter()
+    trained = train(p, variant.method, embeddings=embeddings, prompts=train_prompts, base=base,
+                    out=d / "plugins", metrics=d / "train", plots=d / "train", resume="auto", checkpoints=d / "ckpt")
+    seconds = time.perf_counter() - t0
+    per_bench = {}
+    for bench in hq_benchmarks(p):
+        per_bench[bench] = {variant.method: evaluate_benchmark(
+            p, bench, variant.method, embeddings=embeddings, prompts=prompts / "eval.parquet", base=base,
+            plugins=d / "plugins", out=d / "eval", predictions=d / "pred", progress=False)}
+    mean = hq_mean(per_bench, hq_benchmarks(p))
+    return {"name": variant.name, "method": variant.method, "changes": dict(variant.changes), "why": variant.why,
+            "hq_mean": mean.get(variant.method, {}), "train_seconds": round(seconds, 1),
+            "steps": trained.get("steps", 0), "sanity": trained.get("sanity_iou", {})}
+
+
+def run_study(params: Params, *, embeddings: Path, prompts: Path, base: Path, work: Path, out: Path,
+              only: list[str] | None = None) -> dict[str, Any]:
+    """Run every variant (or those named in ``only``), add recovery ratios against ``sam``, write ``out``."""
+    rows = []
+    for v in variants(params):
+        if only and v.name not in only and v.name != "sam":
+            continue
+        log.info("fidelity: %s (%s)", v.name, v.why)
+        rows.append(run_variant(params, v, embeddings=embeddings, prompts=prompts, base=base, work=work))
+    block = {r["name"]: {k: dict(v) for k, v in r["hq_mean"].items()} for r in rows}
+    add_recovery(block, "sam")
+    for r in rows:
+        r["hq_mean"] = block[r["name"]]
+    result = {"rows": rows, "drp": drp_gradients(params, embeddings=embeddings, prompts=prompts, base=base),
+              "paper_recovery": paper.PAPER_RECOVERY}
+    atomic_write_json(out, result)
+    return result
+
+
+def markdown_table(result: Mapping[str, Any]) -> list[str]:
+    """The study's main table (mIoU per prompt type, recovery ratios, fit, time)."""
+    head = ["variant", *PROMPTS, "R noisy", "R 1 pt", "fit train noisy/1pt", "eval split noisy/1pt", "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        m = r["hq_mean"]
+        cells = [r["name"]] + [f"{m.get(p, {}).get('miou', float('nan')):.1f}" for p in PROMPTS]
+        cells += [f"{m.get(p, {}).get('recovery', float('nan')):.2f}" for p in ("noisy_box", "point_1")]
+        after = r.get("sanity", {}).get("after", {})
+        for split in ("train", "eval"):
+            s = after.get(split, {})
+            cells.append(f"{s.get('noisy_box', float('nan')):.1f} / {s.get('point_1', float('nan')):.1f}" if s else "–")
+        cells.append(f"{r['train_seconds']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+__all__ = ["PROMPTS", "Variant", "drp_gradients", "markdown_table", "run_study", "run_variant", "variants"]

@@ -1,0 +1,44 @@
+"""The fidelity study (not a DVC stage: about half an hour on two cores): what limits the plugins' gain.
+
+    python -m stages.fidelity --params params.yaml --embeddings data/embeddings --prompts data/prompts \\
+        --base models/base --work models/fidelity --out metrics/fidelity.json [--only "stable_sam" ...]
+
+Run after `make pipeline`; prints the Markdown table that reports/fidelity.md quotes. See
+pipeline/evaluation/fidelity.py for the variants.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import ConfigError, load_params
+from pipeline.evaluation.fidelity import markdown_table, run_study
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m stages.fidelity", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--embeddings", type=Path, default=Path("data/embeddings"))
+    ap.add_argument("--prompts", type=Path, default=Path("data/prompts"))
+    ap.add_argument("--base", type=Path, default=Path("models/base"))
+    ap.add_argument("--work", type=Path, default=Path("models/fidelity"))
+    ap.add_argument("--out", type=Path, default=Path("metrics/fidelity.json"))
+    ap.add_argument("--only", nargs="*", default=None, help="variant names to run (sam always runs)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = run_study(load_params(args.params), embeddings=args.embeddings, prompts=args.prompts,
+                           base=args.base, work=args.work, out=args.out, only=args.only)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"fidelity: error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(markdown_table(result)))
+    print(f"DRP gradient norm: {result['drp']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
