@@ -12,7 +12,7 @@ export NO_ALBUMENTATIONS_UPDATE = 1
 export MALLOC_MMAP_THRESHOLD_ = 4294967296
 export MALLOC_TRIM_THRESHOLD_ = 17179869184
 
-.PHONY: setup pipeline test test-quick bench clean-state
+.PHONY: setup pipeline test test-quick bench fidelity clean-state
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,10 @@ test-quick: setup
 bench: setup
 	for b in embed parquet_read rss_scaling train_cache plugin_latency; do \
 	  echo "== benchmarks/$$b.py"; $(BIN)/python -m benchmarks.$$b || exit 1; done
+
+# The fidelity study (about half an hour): what limits the plugins' gain; writes metrics/fidelity.json.
+fidelity: setup
+	$(BIN)/python -m stages.fidelity --params params.yaml --out metrics/fidelity.json
 
 clean-state:
 	rm -rf mlflow.db mlruns .prefect

@@ -7,22 +7,28 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
+from pipeline.common.cli import run_stage
 from pipeline.config import load_params
 from pipeline.prompts.stage import make_prompts
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--embeddings", type=Path, required=True, help="embedding cache root (data/embeddings)")
     ap.add_argument("--out", type=Path, required=True, help="output folder (data/prompts)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = make_prompts(load_params(args.params), args.embeddings, args.out)
-    print(json.dumps(summary, indent=2, sort_keys=True))
+
+    def work() -> None:
+        summary = make_prompts(load_params(args.params), args.embeddings, args.out)
+        print(json.dumps(summary, indent=2, sort_keys=True))
+
+    return run_stage("prompts", work)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,13 +11,15 @@ import argparse
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
+from pipeline.common.cli import run_stage
 from pipeline.config import load_params
 from pipeline.training.train import train
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--method", required=True, help="a name of pipeline.modeling.methods.METHODS")
@@ -35,12 +37,16 @@ def main(argv: list[str] | None = None) -> None:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
-    result = train(load_params(args.params), args.method, embeddings=args.embeddings, prompts=args.prompts,
-                   base=args.base, out=args.out, metrics=args.metrics, plots=args.plots,
-                   resume={"no": False, "yes": True, "auto": "auto"}[args.resume], checkpoints=args.checkpoints)
-    if rank == 0:
-        print(json.dumps(result, indent=2, sort_keys=True))
+
+    def work() -> None:
+        result = train(load_params(args.params), args.method, embeddings=args.embeddings, prompts=args.prompts,
+                       base=args.base, out=args.out, metrics=args.metrics, plots=args.plots,
+                       resume={"no": False, "yes": True, "auto": "auto"}[args.resume], checkpoints=args.checkpoints)
+        if rank == 0:
+            print(json.dumps(result, indent=2, sort_keys=True))
+
+    return run_stage("train", work)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

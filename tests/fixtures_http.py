@@ -3,7 +3,8 @@
 Serves an in-memory ``{path: bytes}`` table on 127.0.0.1 (port 0) from a daemon thread, honours
 ``Range: bytes=N-`` / ``bytes=N-M`` (206, or 416 past the end), and can be told to misbehave:
 ``cut_after`` (send only that many body bytes, then drop the connection, ``cut_times`` times),
-``ignore_range`` (answer 200 with the whole file), ``fail_status`` (answer that status ``fail_times``
+``ignore_range`` (answer 200 with the whole file), ``wrong_range_start`` (answer every request with a
+206 for the bytes from that offset, asked for or not), ``fail_status`` (answer that status ``fail_times``
 times). Every request's path and Range header is recorded in ``requests``.
 
 Use it with ``from tests.fixtures_http import http_server`` (a pytest fixture) or as a context manager:
@@ -30,6 +31,7 @@ class LoopbackServer:
         self.cut_after: int | None = None
         self.cut_times: int = 1
         self.ignore_range = False
+        self.wrong_range_start: int | None = None
         self.fail_status: int | None = None
         self.fail_times: int = 1
         self._lock = threading.Lock()
@@ -111,6 +113,8 @@ class LoopbackServer:
                             self.end_headers()
                             return
                         partial = True
+                if srv.wrong_range_start is not None:  # a lying server: a range nobody asked for
+                    start, end, partial = srv.wrong_range_start, len(data) - 1, True
                 body = data[start : end + 1]
                 self.send_response(206 if partial else 200)
                 if partial:

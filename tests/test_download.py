@@ -137,6 +137,20 @@ def test_download_file_server_ignoring_range_restarts(http_server: LoopbackServe
     assert dest.read_bytes() == data
 
 
+def test_download_file_server_answering_another_range_is_an_error(http_server: LoopbackServer, tmp_path: Path) -> None:
+    """A 206 for bytes nobody asked for: one plain refetch, then a DownloadError (it used to recurse
+    until RecursionError)."""
+    data = os.urandom(20_000)
+    url = http_server.add("lie.bin", data)
+    dest = tmp_path / "lie.bin"
+    part_path(dest).write_bytes(data[:100])
+    http_server.wrong_range_start = 7
+    with pytest.raises(DownloadError, match="byte ranges it was not asked for"):
+        download_file(url, dest, expected_sha256=_sha(data), retries=2)
+    assert http_server.requests == [("/lie.bin", "bytes=100-"), ("/lie.bin", None)]  # at 100, then once from 0
+    assert not dest.exists()
+
+
 def test_download_file_complete_part_and_existing_dest(http_server: LoopbackServer, tmp_path: Path) -> None:
     data = os.urandom(10_000)
     url = http_server.add("g.bin", data)

@@ -291,3 +291,31 @@ def test_duplicate_image_stems_are_quarantined(tree: Path) -> None:
     assert "DIS5K-TR/good" not in {r.sample_id for r in result.rows}
     dup = {q.path for q in result.quarantine if "duplicate image" in q.reason or "ambiguous" in q.reason}
     assert dup == {f"{DIS.image_dir}/good.jpg", f"{DIS.image_dir}/good.jpeg", f"{DIS.mask_dir}/good.png"}
+
+
+def test_pipes_devices_and_huge_files_are_quarantined_not_read(tree: Path, tmp_path: Path) -> None:
+    """A named pipe would block `open` forever and a link to /dev/zero never ends: both are refused by
+    stat before any read, and a file over the size cap is refused too."""
+    import os
+
+    os.mkfifo(tree / DIS.image_dir / "pipe.jpg")
+    _put(tree, DIS.mask_dir, "pipe.png", _png(_rect()))
+    os.symlink("/dev/zero", tree / DIS.image_dir / "zero.jpg")
+    _put(tree, DIS.mask_dir, "zero.png", _png(_rect()))
+    result = build_index(tree, _params(), progress=False)
+    got = {q.path: q.reason for q in result.quarantine}
+    assert "named pipe" in got[f"{DIS.image_dir}/pipe.jpg"]
+    assert "device" in got[f"{DIS.image_dir}/zero.jpg"]
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"0" * 2048)
+    with pytest.raises(OSError, match="more than the 1024"):
+        index_mod.read_regular_file(big, max_bytes=1024)
+
+
+def test_quarantine_reasons_are_the_same_on_every_run(tree: Path) -> None:
+    _put(tree, DIS.image_dir, "junk.jpg", b"definitely not an image")
+    _put(tree, DIS.mask_dir, "junk.png", _png(_rect()))
+    reasons = [{q.path: q.reason for q in build_index(tree, _params(), progress=False).quarantine} for _ in range(2)]
+    assert reasons[0] == reasons[1]
+    junk = reasons[0][f"{DIS.image_dir}/junk.jpg"]
+    assert "0x" not in junk and "the file's bytes" in junk

@@ -21,12 +21,13 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
+from pipeline.common.cli import StageError
 from pipeline.common.atomic import atomic_path
 
 _CHUNK = 1 << 20
 
 
-class ArchiveError(RuntimeError):
+class ArchiveError(StageError):
     """An archive that cannot be extracted safely; the message names the archive and the fix."""
 
 

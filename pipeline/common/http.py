@@ -23,6 +23,7 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
+from pipeline.common.cli import StageError
 from pipeline.common.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 
-class DownloadError(RuntimeError):
+class DownloadError(StageError):
     """A download that could not be completed; the message names the URL, the file and the fix."""
 
 
@@ -159,7 +160,7 @@ def _fetch_into(url: str, part: Path, expected_size: int | None, timeout_s: floa
         stream, start, total = _open(url, offset, timeout_s)
     except _RangeDone:
         return
-    except _RangeInvalid:
+    except _RangeInvalid:  # only raised for offset > 0: the recursion starts at 0 and ends
         log.warning("%s: server rejected resuming at byte %d; starting over", url, offset)
         part.unlink()
         return _fetch_into(url, part, expected_size, timeout_s, desc)
@@ -195,8 +196,12 @@ class _RangeInvalid(Exception):
     """Internal: the server cannot serve the requested range (the .part is unusable)."""
 
 
-def _open(url: str, offset: int, timeout_s: float) -> tuple[BinaryIO, int, int | None]:
-    """Open ``url`` at byte ``offset``; return (stream, actual start offset, total size or None)."""
+def _open(url: str, offset: int, timeout_s: float, refetch: bool = True) -> tuple[BinaryIO, int, int | None]:
+    """Open ``url`` at byte ``offset``; return (stream, actual start offset, total size or None).
+
+    A 206 for another range than the one asked for is answered by one plain (Range-less) request; a server
+    that still answers with a range nobody asked for is a :class:`DownloadError`, never a loop.
+    """
     if url.lower().startswith("file:"):
         return _open_file(url, offset)
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"})
@@ -223,8 +228,12 @@ def _open(url: str, offset: int, timeout_s: float) -> tuple[BinaryIO, int, int |
         if match and int(match.group(1)) == offset:
             total = None if match.group(3) == "*" else int(match.group(3))
             return response, offset, total
-        response.close()  # a range we did not ask for: refetch everything without Range
-        return _open(url, 0, timeout_s)
+        response.close()
+        if refetch:  # a range we did not ask for: refetch everything without Range, once
+            return _open(url, 0, timeout_s, refetch=False)
+        raise DownloadError(f"{url}: the server answers with byte ranges it was not asked for "
+                            f"(Content-Range {response.headers.get('Content-Range')!r}); it cannot be downloaded "
+                            "reliably: use another mirror (download.endpoint)")
     total = int(length) if length and length.isdigit() else None
     return response, 0, total
 

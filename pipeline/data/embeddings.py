@@ -35,6 +35,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipeline.common.cli import StageError
+
 META_KEY = b"stable_sam"
 FORMAT_VERSION = 1
 PREPROCESSING = "sam-resize-longest-pil-pad"  # = SamPredictor.set_image (pipeline.modeling.transforms)
@@ -43,7 +45,7 @@ CACHE_FILE = "CACHE.json"
 SCALAR_COLUMNS = ("view_id", "sample_id", "dataset", "split", "height", "width", "input_h", "input_w", "mask_rle")
 
 
-class StaleCacheError(RuntimeError):
+class StaleCacheError(StageError):
     """An existing cache that does not belong to the current base model / preprocessing / views."""
 
 

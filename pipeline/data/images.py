@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,10 @@ def open_image(source: str | os.PathLike[str] | bytes) -> Image.Image:
             img = Image.open(fp)
             img.load()
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
-        raise DecodeError(f"{type(exc).__name__}: {exc}") from exc
+        # PIL names an in-memory file by its repr (a memory address): say "the file's bytes" instead, so the
+        # message (a quarantine reason in data/index) is the same on every run.
+        message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the file's bytes", str(exc))
+        raise DecodeError(f"{type(exc).__name__}: {message}") from exc
     return img
 
 

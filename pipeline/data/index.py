@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -30,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from pipeline.common.cli import StageError
 from pipeline.common.atomic import atomic_path, atomic_write_json
 from pipeline.config import IndexConfig, Params
 from pipeline.data.images import IMAGE_EXTENSIONS, MASK_EXTENSIONS, DecodeError, image_to_rgb, mask_to_bool, open_image
@@ -63,7 +65,7 @@ Kind = Literal[
 ]
 
 
-class IndexBuildError(RuntimeError):
+class IndexBuildError(StageError):
     """The index cannot be built (missing set folder, a set with no valid pair); the message says the fix."""
 
 
@@ -236,16 +238,39 @@ def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
     return float(x0), float(y0), float(x1), float(y1)
 
 
+MAX_FILE_BYTES = 1 << 30  # no image of the HQ sets comes near 1 GiB; a bigger "image" is not one
+
+
+def read_regular_file(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of ``path`` if it is (or links to) a regular file of at most ``max_bytes``; else ``OSError``.
+
+    Checked before opening, so a named pipe (which would block ``open`` forever) or a link to a device such
+    as ``/dev/zero`` (endless bytes) is refused instead of hanging or exhausting memory.
+    """
+    st = os.stat(path)  # follows links: what would actually be read
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("named pipe" if stat.S_ISFIFO(st.st_mode) else "device" if stat.S_ISCHR(st.st_mode) or
+                stat.S_ISBLK(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "not a file")
+        raise OSError(f"not a regular file ({kind})")
+    if st.st_size > max_bytes:
+        raise OSError(f"{st.st_size} bytes, more than the {max_bytes} an image or mask may have")
+    with open(path, "rb") as fh:
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise OSError(f"grew past {max_bytes} bytes while being read")
+    return data
+
+
 def validate_pair(
     root: Path, cand: Candidate, dataset: str, split: str, cfg: IndexConfig
 ) -> IndexRow | QuarantineRow:
     """Read, hash and decode one candidate pair; an :class:`IndexRow` if valid, else a :class:`QuarantineRow`."""
     try:
-        image_bytes = (root / cand.image_path).read_bytes()
+        image_bytes = read_regular_file(root / cand.image_path)
     except OSError as exc:
         return QuarantineRow(cand.image_path, dataset, f"image not readable: {exc.strerror or exc}", "unreadable")
     try:
-        mask_bytes = (root / cand.mask_path).read_bytes()
+        mask_bytes = read_regular_file(root / cand.mask_path)
     except OSError as exc:
         return QuarantineRow(cand.mask_path, dataset, f"mask not readable: {exc.strerror or exc}", "unreadable")
     try:

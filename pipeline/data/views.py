@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from pipeline.common.cli import StageError
 from pipeline.common.atomic import atomic_path  # noqa: E402
 from pipeline.config import Params, ViewsConfig  # noqa: E402
 from pipeline.data import rle  # noqa: E402
@@ -76,7 +77,7 @@ VIEWS_SCHEMA = pa.schema([
 ])
 
 
-class ViewRenderError(RuntimeError):
+class ViewRenderError(StageError):
     """A view that cannot be rebuilt (missing/changed source file); the message names the file and the fix."""
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from pipeline.common.cli import StageError
 from pipeline.evaluation.metrics import boundary_iou_many, mask_iou_many, mask_to_boundary_many
 from pipeline.inference.predictor import Predictor, resolve_device as _resolve_device
 from pipeline.inference.prompts import Prompt
@@ -25,7 +26,7 @@ from pipeline.inference.prompts import Prompt
 log = logging.getLogger(__name__)
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(StageError):
     """An evaluation that cannot produce results (nothing readable to score); the message says why."""
 
 

@@ -18,6 +18,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
+from pipeline.common.cli import StageError
 from pipeline import PROJECT_ROOT
 from pipeline.common.hashing import sha256_file
 from pipeline.modeling.tiny_encoder import TinyConvEncoder
@@ -38,7 +39,7 @@ class BackboneSpec:
     builder: Callable[[], Sam]
 
 
-class ChecksumMismatch(RuntimeError):
+class ChecksumMismatch(StageError):
     """A checkpoint whose bytes are not the registered ones."""
 
 
@@ -132,7 +133,11 @@ def verify_checkpoint(path: Path, sha256: str, size_bytes: int = 0) -> str:
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """``torch.load(weights_only=True)`` of a SAM checkpoint; accepts a bare state dict or {"model": sd}."""
-    obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle/zip errors of a truncated, foreign or random file
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {str(exc)[:200]}); "
+                         "delete it and run `dvc repro base`, or fix sam.checkpoint_url") from None
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if not isinstance(obj, dict):

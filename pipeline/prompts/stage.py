@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.common.atomic import atomic_write_json
+from pipeline.common.cli import StageError
 from pipeline.common.hashing import sha256_bytes
 from pipeline.config import Params
 from pipeline.data import rle
@@ -62,7 +63,7 @@ def _process_shard(shard: Path, split: str, params: Params, frame: ModelFrame, s
     try:
         t = pq.read_table(shard, columns=GT_COLUMNS)
     except (OSError, pa.ArrowInvalid, KeyError) as exc:
-        raise RuntimeError(f"{shard}: cannot read the GT columns {GT_COLUMNS} ({exc}); "
+        raise StageError(f"{shard}: cannot read the GT columns {GT_COLUMNS} ({exc}); "
                            "re-run the embed stage (`dvc repro embed`)") from None
     cols = {c: t.column(c).to_pylist() for c in GT_COLUMNS}
     rows: list[dict[str, Any]] = []

@@ -35,7 +35,8 @@ from pipeline.common.hashing import sha256_file
 from pipeline.common.atomic import atomic_path, atomic_write_json, atomic_write_text
 from pipeline.config import Params
 from pipeline.data import rle
-from pipeline.data.embeddings import EmbeddingDataset, read_cache_meta
+from pipeline.common.cli import StageError
+from pipeline.data.embeddings import EmbeddingDataset, StaleCacheError, read_cache_meta
 from pipeline.inference.predictor import Predictor
 from pipeline.inference.prompts import Prompt, collate, group_by_signature
 from pipeline.modeling.backbones import load_base
@@ -315,7 +316,7 @@ def _train(params: Params, method: str, ctx: ddp.DistContext, *, embeddings: Pat
     sam, info = load_base(base)
     cache = read_cache_meta(embeddings)
     if cache.get("checkpoint_sha256") != info.get("checkpoint_sha256"):
-        raise RuntimeError(f"{embeddings}: embeddings were made by checkpoint {str(cache.get('checkpoint_sha256'))[:12]}"
+        raise StaleCacheError(f"{embeddings}: embeddings were made by checkpoint {str(cache.get('checkpoint_sha256'))[:12]}"
                            f"..., the base in {base} is {str(info.get('checkpoint_sha256'))[:12]}...; "
                            "re-run `dvc repro embed`")
     frame = model_frame(cache)
@@ -345,7 +346,7 @@ def _train(params: Params, method: str, ctx: ddp.DistContext, *, embeddings: Pat
     table = load_train_prompts(prompts)
     pmeta = read_meta(prompts)
     if pmeta and (pmeta.get("img_size"), pmeta.get("grid")) != (frame.img_size, frame.grid):
-        raise RuntimeError(f"{prompts}: made for img_size/grid {pmeta.get('img_size')}/{pmeta.get('grid')}, the cache "
+        raise StageError(f"{prompts}: made for img_size/grid {pmeta.get('img_size')}/{pmeta.get('grid')}, the cache "
                            f"has {frame.img_size}/{frame.grid}; re-run `dvc repro prompts`")
 
     model.to(device)
