@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_params
-from pipeline.evaluation.fidelity import markdown_table, run_study
+from pipeline.evaluation.fidelity import markdown_table, recovery_plot, run_study
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", type=Path, default=Path("models/base"))
     ap.add_argument("--work", type=Path, default=Path("models/fidelity"))
     ap.add_argument("--out", type=Path, default=Path("metrics/fidelity.json"))
+    ap.add_argument("--plot", type=Path, default=Path("plots/fidelity/recovery.png"))
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run (sam always runs)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"fidelity: error: {exc}", file=sys.stderr)
         return 2
+    recovery_plot(result, args.plot)
     print("\n".join(markdown_table(result)))
     print(f"DRP gradient norm: {result['drp']}")
     return 0

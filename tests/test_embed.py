@@ -65,7 +65,7 @@ def test_embed_writes_the_contracted_shards(tmp_path: Path) -> None:
     cache = embed_views(views, tmp_path, sam, INFO, out, embed_cfg(), progress=False)
     assert read_cache_meta(out) == cache
     assert cache["rows"] == views.num_rows == sum(s["rows"] for s in cache["shards"])
-    assert cache["checkpoint_sha256"] == INFO["checkpoint_sha256"] and cache["preprocessing"] == "sam-resize-longest-pad"
+    assert cache["checkpoint_sha256"] == INFO["checkpoint_sha256"] and cache["preprocessing"] == "sam-resize-longest-pil-pad"
     assert all(isinstance(o, int) for s in cache["shards"] for o in s["embedding_offsets"])  # zero-copy reads possible
     for s in cache["shards"]:
         path = out / s["path"]

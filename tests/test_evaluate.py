@@ -113,6 +113,7 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "evaluate.batch_size": 4,  # forces several decoder chunks per prompt group
         "prompts.eval_draws": DRAWS,
         "data.max_images_per_set": 0,
+        "evaluate.benchmarks": ["DIS5K-VD", "COIFT", "HRSOD", "ThinObject5K-TE", "mine", "toy", "toy_noisy", "toy_det"],
         "evaluate.folders": [{"name": "mine", "images": str(folder / "im"), "masks": str(folder / "gt"),
                               "mask_suffix": "_mask.png"}],
         "evaluate.coco": [

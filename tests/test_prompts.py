@@ -219,7 +219,7 @@ def write_fake_cache(root, checkpoint_sha256: str, *, img: int = 64, grid: int =
     return ids
 
 
-def test_prompts_stage_tables_quarantine_and_resume(params, tmp_path, monkeypatch):
+def test_prompts_stage_tables_quarantine_and_resume(params, tmp_path, monkeypatch, capsys):
     import pyarrow.parquet as pq
 
     from pipeline.data import rle
@@ -269,5 +269,6 @@ def test_prompts_stage_tables_quarantine_and_resume(params, tmp_path, monkeypatc
         assert pq.read_table(tmp_path / "a" / name).equals(pq.read_table(tmp_path / "b" / name))
 
     monkeypatch.setattr(stage_mod, "_process_shard", real)
-    with pytest.raises(FileNotFoundError, match="CACHE.json"):
-        main(["--params", "params.yaml", "--embeddings", str(tmp_path / "nothing"), "--out", str(tmp_path / "c")])
+    # A missing cache is a user error: one line naming the file, exit code 2, no traceback.
+    assert main(["--params", "params.yaml", "--embeddings", str(tmp_path / "nothing"), "--out", str(tmp_path / "c")]) == 2
+    assert "CACHE.json" in capsys.readouterr().err

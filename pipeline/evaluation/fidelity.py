@@ -174,4 +174,32 @@ def markdown_table(result: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = ["PROMPTS", "Variant", "drp_gradients", "markdown_table", "run_study", "run_variant", "variants"]
+def recovery_plot(result: Mapping[str, Any], out_png: Path) -> Path:
+    """Horizontal bars: R_noisy_box and R_point_1 of every variant, the paper's as dashed lines."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from pipeline.evaluation.plots import save_figure
+
+    rows = [r for r in result["rows"] if r["name"] != "sam"]
+    names = [r["name"] for r in rows][::-1]
+    fig = Figure(figsize=(7.5, 0.42 * len(rows) + 1.6))
+    ax = fig.add_subplot(1, 1, 1)
+    y = np.arange(len(names))
+    for k, (prompt, color) in enumerate((("noisy_box", "#1f77b4"), ("point_1", "#ff7f0e"))):
+        vals = [r["hq_mean"].get(prompt, {}).get("recovery", np.nan) for r in rows][::-1]
+        ax.barh(y + (k - 0.5) * 0.38, vals, height=0.38, color=color, label=f"R {prompt}")
+        ax.axvline(paper.PAPER_RECOVERY[prompt], color=color, ls="--", lw=1,
+                   label=f"paper R {prompt} ({paper.PAPER_RECOVERY[prompt]:.2f}, ViT-L)")
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(y)
+    ax.set_yticklabels(names, fontsize=8)
+    ax.set_xlabel("recovery ratio R = (method − sam) / (sam GT box − sam)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_title("What each variant wins back of the frozen base's loss to sloppy prompts")
+    fig.tight_layout()
+    return save_figure(fig, out_png)
+
+
+__all__ = ["PROMPTS", "Variant", "drp_gradients", "markdown_table", "recovery_plot", "run_study", "run_variant", "variants"]

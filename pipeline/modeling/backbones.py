@@ -88,7 +88,7 @@ def build_tiny(img_size: int = 256, grid: int = 32) -> Sam:
 
 _DL = "https://dl.fbaipublicfiles.com/segment_anything"
 TINY_ASSET = PROJECT_ROOT / "assets" / "tiny_sam.pt"
-TINY_SHA256 = "54af765cd81439ffd9c6c58824855905c84303e6de73bd1e9fd5e99797ef319b"  # assets/tiny_sam.pt; see stages/pretrain_base.py
+TINY_SHA256 = "e853c0d6cb260a62f1df471f1950da9edae8f874b3409294f0a89dc6721de857"  # assets/tiny_sam.pt; see stages/pretrain_base.py
 
 BACKBONES: dict[str, BackboneSpec] = {
     "vit_h": BackboneSpec("vit_h", f"{_DL}/sam_vit_h_4b8939.pth", 2_564_550_879,
