@@ -49,16 +49,21 @@ class Variant:
 
 def variants(params: Params) -> list[Variant]:
     """The study's rows for ``params`` (budgets are relative to its own ``train`` section)."""
-    steps = params.train.max_steps
-    half, double = max(1, steps // 2), steps * 2
+    steps, epochs = params.train.max_steps, params.train.epochs
+    if steps > 0:  # budgets in the unit the params use: steps, or epochs when max_steps = 0
+        half, double = ({"train.max_steps": max(1, steps // 2)}, {"train.max_steps": steps * 2})
+        half_name, double_name = f"{max(1, steps // 2)} steps", f"{steps * 2} steps"
+    else:
+        half, double = {"train.epochs": epochs / 2}, {"train.epochs": epochs * 2}
+        half_name, double_name = f"{epochs / 2:g} epochs", f"{epochs * 2:g} epochs"
     return [
         Variant("sam", "sam", {}, "the frozen base"),
         Variant("pt_sam", "pt_sam", {}, "output tokens only (~1.3 K params)"),
         Variant("dsp", "dsp", {}, "DSP alone, α = (1, 0)"),
         Variant("stable_sam", "stable_sam", {}, "DSP + DRP, the default recipe"),
         Variant("dt_sam", "dt_sam", {"train.lr": params.train.lr / 10}, "the whole decoder (ceiling), lr / 10"),
-        Variant(f"stable_sam {half} steps", "stable_sam", {"train.max_steps": half}, "half the budget"),
-        Variant(f"stable_sam {double} steps", "stable_sam", {"train.max_steps": double}, "twice the budget"),
+        Variant(f"stable_sam {half_name}", "stable_sam", half, "half the budget"),
+        Variant(f"stable_sam {double_name}", "stable_sam", double, "twice the budget"),
         Variant("stable_sam constant lr", "stable_sam", {"train.lr_schedule": "constant", "train.warmup_steps": 0},
                 "no warm-up, no decay"),
         Variant("stable_sam 1 prompt/view", "stable_sam", {"prompts.train_prompts_per_view": 1},
