@@ -13,7 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_params
+from pipeline.common.cli import run_stage
+from pipeline.config import load_params
 from pipeline.evaluation.fidelity import markdown_table, recovery_plot, run_study
 
 
@@ -30,16 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run (sam always runs)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+
+    def work() -> None:
         result = run_study(load_params(args.params), embeddings=args.embeddings, prompts=args.prompts,
                            base=args.base, work=args.work, out=args.out, only=args.only)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"fidelity: error: {exc}", file=sys.stderr)
-        return 2
-    recovery_plot(result, args.plot)
-    print("\n".join(markdown_table(result)))
-    print(f"DRP gradient norm: {result['drp']}")
-    return 0
+        recovery_plot(result, args.plot)
+        print("\n".join(markdown_table(result)))
+        print(f"DRP gradient norm: {result['drp']}")
+
+    return run_stage("fidelity", work)
 
 
 if __name__ == "__main__":

@@ -47,3 +47,14 @@ def test_recovery_plot_writes_a_png(tmp_path):
     png = recovery_plot(_result(), tmp_path / "recovery.png")
     with Image.open(png) as im:
         assert im.format == "PNG" and im.size[0] > 200
+
+
+def test_cli_missing_embeddings_is_one_error_line(tmp_path, capsys):
+    from stages.fidelity import main
+
+    code = main(["--params", str(PROJECT_ROOT / "params.yaml"), "--embeddings", str(tmp_path / "none"),
+                 "--prompts", str(tmp_path / "none"), "--base", str(tmp_path / "none"),
+                 "--work", str(tmp_path / "work"), "--out", str(tmp_path / "f.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("fidelity: error:") and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "f.json").exists()

@@ -285,3 +285,38 @@ def test_seeds_aggregate_and_report(workspace, tmp_path):
     head = json.loads(res.headline_path.read_text())
     assert head["seeds"]["stable_sam"]["noisy_box"]["recovery"] == {"mean": 0.6, "std": 0.1}
     assert "0.60 ± 0.10" in res.report_md.read_text()
+
+
+def test_run_seeds_trains_each_extra_seed_under_its_own_seed(monkeypatch, tmp_path):
+    """The seeds stage retrains with seed s; params with ``seed = s`` must not reject s as a duplicate of
+    ``seeds.extra`` (the bug a full `dvc repro` hit), and each run is scored and aggregated."""
+    import pipeline.evaluation.evaluate as evaluate_mod
+    import pipeline.training.train as train_mod
+    from pipeline.evaluation.seeds import run_seeds
+
+    p = replace(load_params(PROJECT_ROOT / "params.yaml"), **{"seed": 0, "seeds.extra": [1, 2],
+                                                             "seeds.methods": ["stable_sam"]})
+    hq = [b for b in p.evaluate.benchmarks if b in ("DIS5K-VD", "COIFT", "HRSOD", "ThinObject5K-TE")]
+    seen: list[int] = []
+
+    def fake_train(params, method, **kw):
+        seen.append(params.seed)
+        return {}
+
+    def fake_eval(params, bench, method, **kw):
+        return {"gt_box": {"miou": 60.0}, "noisy_box": {"miou": 40.0 + 2 * params.seed}}
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    monkeypatch.setattr(evaluate_mod, "evaluate_benchmark", fake_eval)
+    eval_dir = tmp_path / "eval"
+    for bench in hq:
+        for method, noisy in (("sam", 40.0), ("stable_sam", 40.0)):
+            (eval_dir / bench).mkdir(parents=True, exist_ok=True)
+            (eval_dir / bench / f"{method}.json").write_text(json.dumps(
+                {"gt_box": {"miou": 60.0}, "noisy_box": {"miou": noisy}}))
+    out = run_seeds(p, embeddings=tmp_path, prompts=tmp_path, base=tmp_path, eval_dir=eval_dir,
+                    work=tmp_path / "work", out=tmp_path / "seeds.json")
+    assert seen == [1, 2]
+    r = out["methods"]["stable_sam"]["noisy_box"]["recovery"]
+    assert r["values"] == {"0": 0.0, "1": 0.1, "2": 0.2} and r["n"] == 3
+    assert json.loads((tmp_path / "seeds.json").read_text())["seeds"] == [0, 1, 2]

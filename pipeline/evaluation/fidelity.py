@@ -64,13 +64,17 @@ def variants(params: Params) -> list[Variant]:
         Variant("dt_sam", "dt_sam", {"train.lr": params.train.lr / 10}, "the whole decoder (ceiling), lr / 10"),
         Variant(f"stable_sam {half_name}", "stable_sam", half, "half the budget"),
         Variant(f"stable_sam {double_name}", "stable_sam", double, "twice the budget"),
-        Variant("stable_sam constant lr", "stable_sam", {"train.lr_schedule": "constant", "train.warmup_steps": 0},
-                "no warm-up, no decay"),
+        Variant("stable_sam cosine", "stable_sam", {"train.lr_schedule": "cosine", "train.warmup_steps": 20},
+                "cosine decay after 20 warm-up steps"),
+        Variant("stable_sam lr / 3", "stable_sam", {"train.lr": params.train.lr / 3}, "a third of the learning rate"),
         Variant("stable_sam 1 prompt/view", "stable_sam", {"prompts.train_prompts_per_view": 1},
                 "one stored prompt per view for every epoch (the old default)"),
         Variant("stable_sam no mask prompts", "stable_sam",
                 {"prompts.train_type_probs": {"gt_box": 1.0, "noisy_box": 1.0, "points": 1.0, "coarse_mask": 0.0}},
                 "the RTS mix without coarse-mask prompts"),
+        Variant("stable_sam sloppy mix", "stable_sam",
+                {"prompts.train_type_probs": {"gt_box": 0.1, "noisy_box": 0.45, "points": 0.45, "coarse_mask": 0.0}},
+                "mostly the prompts it should fix: noisy boxes and points"),
     ]
 
 

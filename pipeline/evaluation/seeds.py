@@ -42,7 +42,7 @@ def run_extra_seed(params: Params, seed: int, method: str, *, embeddings: Path, 
     from pipeline.evaluation.evaluate import evaluate_benchmark
     from pipeline.training.train import train
 
-    p = replace(params, seed=seed)
+    p = replace(params, **{"seed": seed, "seeds.extra": []})  # this run's seed is its own
     d = _seed_dir(work, seed)
     train(p, method, embeddings=embeddings, prompts=Path(prompts) / "train.parquet", base=base, out=d / "plugins",
           metrics=d / "train", plots=d / "train", resume="auto", checkpoints=d / "checkpoints")
