@@ -1,7 +1,10 @@
 """Fidelity study helpers: the variant ladder follows the params' budget unit, the table and plot render."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import pytest
 
 from PIL import Image
 
@@ -58,3 +61,58 @@ def test_cli_missing_embeddings_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("fidelity: error:") and "Traceback" not in "\n".join(err)
     assert not (tmp_path / "f.json").exists()
+
+
+def test_dsp_offset_stats_see_identity_and_saturated_samplers(tmp_path):
+    """An untrained DSP moves nothing; one whose offset head is large sits at its tanh bound."""
+    import torch
+
+    from pipeline.evaluation.fidelity import dsp_offsets_on
+    from pipeline.inference.predictor import Predictor
+    from pipeline.modeling.dsp import DeformableSampling
+    from tests.fakes import write_tiny_base, write_trained_plugin
+
+    p = load_params(PROJECT_ROOT / "params.yaml")
+    sam, sha = write_tiny_base(tmp_path / "base", img=64, grid=16)
+    write_trained_plugin(tmp_path / "untrained.pt", "stable_sam", sam, p.plugin, sha, scale=0.0)
+    pred = Predictor.from_pretrained(tmp_path / "base", method="stable_sam", plugin=tmp_path / "untrained.pt",
+                                     device="cpu")
+    g = torch.Generator().manual_seed(0)
+    views = [(torch.randn(256, 16, 16, generator=g), (48, 64), (48, 64), [5.0, 6.0, 40.0, 30.0]) for _ in range(3)]
+    still = dsp_offsets_on(pred, views)
+    assert still["views"] == 3 and still["mean_cells"] < 1e-3 and still["global_cells"] < 1e-3
+    assert still["bound_share"] == 0.0
+    dsp = next(m for m in pred.decoder.modules() if isinstance(m, DeformableSampling))
+    with torch.no_grad():
+        dsp.offset_net[-1].weight.normal_(0.0, 5.0, generator=g)
+    moved = dsp_offsets_on(pred, views)
+    assert moved["mean_cells"] > 0.5 * p.plugin.dsp_offset_range and moved["bound_share"] > 0.3
+    assert dsp_offsets_on(Predictor.from_pretrained(tmp_path / "base", method="sam", device="cpu"), views) == {}
+
+
+def test_study_resumes_per_variant(monkeypatch, tmp_path):
+    """A second run reuses finished rows (no retraining) and fills in what older rows lack."""
+    import pipeline.evaluation.fidelity as fid
+
+    p = load_params(PROJECT_ROOT / "params.yaml")
+    trained: list[str] = []
+
+    def fake_variant(params, v, **kw):
+        trained.append(v.name)
+        return {"name": v.name, "method": v.method, "changes": dict(v.changes), "why": v.why, "train_seconds": 1.0,
+                "hq_mean": {"gt_box": {"miou": 70.0}, "noisy_box": {"miou": 60.0 + len(trained)}}, "sanity": {}}
+
+    monkeypatch.setattr(fid, "run_variant", fake_variant)
+    monkeypatch.setattr(fid, "drp_gradients", lambda *a, **k: {"drp_grad_norm_step0": 0.0})
+    monkeypatch.setattr(fid, "dsp_offset_stats", lambda *a, **k: {"mean_cells": 1.0, "global_cells": 0.5})
+    kw = dict(embeddings=tmp_path, prompts=tmp_path, base=tmp_path, work=tmp_path / "work", out=tmp_path / "f.json")
+    first = fid.run_study(p, only=["stable_sam"], **kw)
+    assert trained == ["sam", "stable_sam"]
+    assert first["rows"][1]["hq_mean"]["noisy_box"]["recovery"] == pytest.approx(1 / 9, abs=1e-4)  # (62-61)/(70-61)
+    again = fid.run_study(p, only=["stable_sam", "dsp"], **kw)
+    assert trained == ["sam", "stable_sam", "dsp"]  # only the new variant trained
+    names = [r["name"] for r in again["rows"]]
+    assert names == ["sam", "dsp", "stable_sam"]
+    reused = next(r for r in again["rows"] if r["name"] == "stable_sam")
+    assert reused["dsp_offsets"] == {"mean_cells": 1.0, "global_cells": 0.5}  # filled in on reuse
+    assert json.loads((tmp_path / "f.json").read_text())["rows"][2]["name"] == "stable_sam"

@@ -23,7 +23,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
@@ -123,6 +123,73 @@ def drp_gradients(params: Params, *, embeddings: Path, prompts: Path, base: Path
     return {"drp_grad_norm_step0": norms[0], f"drp_grad_norm_step{steps}": norms[-1], "steps": steps}
 
 
+def dsp_offsets_on(predictor: Any, views: Iterable[tuple[torch.Tensor, tuple[int, int], tuple[int, int], Any]]
+                   ) -> dict[str, float]:
+    """What the predictor's DSP does on ``views`` = (embedding ``[C, g, g]``, original (H, W), input (h, w),
+    box ``[4]``), in grid cells; ``{}`` when the method has no DSP.
+
+    ``mean_cells``: mean length of the per-cell offset Δp; ``global_cells``: mean over views of the length of
+    the view's mean offset (a shift shared by every cell moves the whole map instead of sampling the object);
+    ``spatial_std_cells``: mean over views of the per-axis spread of Δp across cells; ``bound_share``: share of
+    offset components within 5 % of the tanh bound ``plugin.dsp_offset_range`` (saturated).
+    """
+    import numpy as np
+
+    from pipeline.modeling.dsp import DeformableSampling, base_grid, cells_to_grid_units
+
+    dsps = [m for m in predictor.decoder.modules() if isinstance(m, DeformableSampling)]
+    if not dsps:
+        return {}
+    captured: list[torch.Tensor] = []
+
+    def keep(_module: torch.nn.Module, _inputs: Any, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        grid = output[1].detach().float()  # (B, H, W, 2): cell centres + Δp, grid_sample units
+        h, w = grid.shape[1:3]
+        captured.append((grid - base_grid(h, w, device=grid.device, dtype=grid.dtype))
+                        / cells_to_grid_units(h, w, device=grid.device, dtype=grid.dtype))
+
+    handle = dsps[0].register_forward_hook(keep)
+    try:
+        for embedding, original_size, input_size, box in views:
+            predictor.set_embedding(embedding, original_size, input_size)
+            with torch.no_grad():
+                predictor.predict(box=np.asarray(box, dtype=np.float64), multimask_output=False)
+    finally:
+        handle.remove()
+    if not captured:
+        return {}
+    deltas = torch.cat(captured)  # (V, H, W, 2) in cells
+    bound = dsps[0].offset_range
+    return {
+        "views": int(deltas.shape[0]),
+        "bound_cells": float(bound),
+        "mean_cells": round(float(deltas.norm(dim=-1).mean()), 3),
+        "global_cells": round(float(deltas.mean(dim=(1, 2)).norm(dim=-1).mean()), 3),
+        "spatial_std_cells": round(float(deltas.flatten(1, 2).std(dim=1).mean()), 3),
+        "bound_share": round(float((deltas.abs() >= 0.95 * bound).float().mean()), 3),
+    }
+
+
+def dsp_offset_stats(base: Path, method: str, plugin: Path, embeddings: Path, max_views: int = 32) -> dict[str, float]:
+    """:func:`dsp_offsets_on` for a trained plugin file on the first ``max_views`` eval views (GT-box prompts)."""
+    from itertools import islice
+
+    from pipeline.data import rle
+    from pipeline.data.embeddings import iter_views
+    from pipeline.data.index import mask_box
+    from pipeline.inference.predictor import Predictor
+
+    predictor = Predictor.from_pretrained(base, method=method, plugin=plugin, device="cpu")
+
+    def views() -> Iterator[tuple[torch.Tensor, tuple[int, int], tuple[int, int], Any]]:
+        for row in islice(iter_views(embeddings, "eval"), max_views):
+            h, w = int(row["height"]), int(row["width"])
+            yield (row["embedding"], (h, w), (int(row["input_h"]), int(row["input_w"])),
+                   mask_box(rle.decode(row["mask_rle"], h, w)))
+
+    return dsp_offsets_on(predictor, views())
+
+
 def run_variant(params: Params, variant: Variant, *, embeddings: Path, prompts: Path, base: Path,
                 work: Path) -> dict[str, Any]:
     """Train (unless ``sam``) and score one variant; returns its hq_mean rows, fit and timing."""
@@ -142,24 +209,43 @@ def run_variant(params: Params, variant: Variant, *, embeddings: Path, prompts: 
             p, bench, variant.method, embeddings=embeddings, prompts=prompts / "eval.parquet", base=base,
             plugins=d / "plugins", out=d / "eval", predictions=d / "pred", progress=False)}
     mean = hq_mean(per_bench, hq_benchmarks(p))
+    plugin = d / "plugins" / f"{variant.method}.pt"
+    offsets = dsp_offset_stats(base, variant.method, plugin, embeddings) if variant.method != "sam" else {}
     return {"name": variant.name, "method": variant.method, "changes": dict(variant.changes), "why": variant.why,
             "hq_mean": mean.get(variant.method, {}), "train_seconds": round(seconds, 1),
-            "steps": trained.get("steps", 0), "sanity": trained.get("sanity_iou", {})}
+            "steps": trained.get("steps", 0), "sanity": trained.get("sanity_iou", {}), "dsp_offsets": offsets}
 
 
 def run_study(params: Params, *, embeddings: Path, prompts: Path, base: Path, work: Path, out: Path,
               only: list[str] | None = None) -> dict[str, Any]:
-    """Run every variant (or those named in ``only``), add recovery ratios against ``sam``, write ``out``."""
+    """Run every variant (or those named in ``only``), add recovery ratios against ``sam``, write ``out``.
+
+    Resumable per variant: finished rows go to ``<work>/rows.json`` as they complete, and a re-run reuses a
+    row whose name, method and changes match (filling in the DSP offsets if the row predates them).
+    """
+    done_path = Path(work) / "rows.json"
+    done_path.parent.mkdir(parents=True, exist_ok=True)
+    done = {r["name"]: r for r in json.loads(done_path.read_text())} if done_path.is_file() else {}
     rows = []
     for v in variants(params):
         if only and v.name not in only and v.name != "sam":
             continue
-        log.info("fidelity: %s (%s)", v.name, v.why)
-        rows.append(run_variant(params, v, embeddings=embeddings, prompts=prompts, base=base, work=work))
+        old = done.get(v.name)
+        if old and old.get("method") == v.method and old.get("changes") == json.loads(json.dumps(dict(v.changes))):
+            log.info("fidelity: %s already done (%s)", v.name, done_path)
+            row = old
+            if "dsp_offsets" not in row:
+                plugin = Path(work) / _slug(v.name) / "plugins" / f"{v.method}.pt"
+                row["dsp_offsets"] = dsp_offset_stats(base, v.method, plugin, embeddings) if v.method != "sam" else {}
+        else:
+            log.info("fidelity: %s (%s)", v.name, v.why)
+            row = run_variant(params, v, embeddings=embeddings, prompts=prompts, base=base, work=work)
+        rows.append(row)
+        done[v.name] = row
+        atomic_write_json(done_path, list(done.values()))
     block = {r["name"]: {k: dict(v) for k, v in r["hq_mean"].items()} for r in rows}
     add_recovery(block, "sam")
-    for r in rows:
-        r["hq_mean"] = block[r["name"]]
+    rows = [dict(r, hq_mean=block[r["name"]]) for r in rows]
     result = {"rows": rows, "drp": drp_gradients(params, embeddings=embeddings, prompts=prompts, base=base),
               "paper_recovery": paper.PAPER_RECOVERY}
     atomic_write_json(out, result)
@@ -168,7 +254,8 @@ def run_study(params: Params, *, embeddings: Path, prompts: Path, base: Path, wo
 
 def markdown_table(result: Mapping[str, Any]) -> list[str]:
     """The study's main table (mIoU per prompt type, recovery ratios, fit, time)."""
-    head = ["variant", *PROMPTS, "R noisy", "R 1 pt", "fit train noisy/1pt", "eval split noisy/1pt", "train s"]
+    head = ["variant", *PROMPTS, "R noisy", "R 1 pt", "fit train noisy/1pt", "eval split noisy/1pt",
+            "DSP Δp mean/global (cells)", "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         m = r["hq_mean"]
@@ -178,6 +265,8 @@ def markdown_table(result: Mapping[str, Any]) -> list[str]:
         for split in ("train", "eval"):
             s = after.get(split, {})
             cells.append(f"{s.get('noisy_box', float('nan')):.1f} / {s.get('point_1', float('nan')):.1f}" if s else "–")
+        o = r.get("dsp_offsets") or {}
+        cells.append(f"{o['mean_cells']:.2f} / {o['global_cells']:.2f}" if o else "–")
         cells.append(f"{r['train_seconds']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -211,4 +300,4 @@ def recovery_plot(result: Mapping[str, Any], out_png: Path) -> Path:
     return save_figure(fig, out_png)
 
 
-__all__ = ["PROMPTS", "Variant", "drp_gradients", "markdown_table", "recovery_plot", "run_study", "run_variant", "variants"]
+__all__ = ["PROMPTS", "Variant", "drp_gradients", "dsp_offset_stats", "dsp_offsets_on", "markdown_table", "recovery_plot", "run_study", "run_variant", "variants"]
