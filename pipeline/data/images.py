@@ -95,16 +95,6 @@ def mask_to_bool(img: Image.Image, threshold: int) -> np.ndarray:
     return mask_levels(img) > threshold
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Image file bytes -> ``uint8 [H, W, 3]`` RGB; raises :class:`DecodeError`."""
-    return image_to_rgb(open_image(data))
-
-
-def decode_mask(data: bytes, threshold: int) -> np.ndarray:
-    """Mask file bytes -> ``bool [H, W]``; raises :class:`DecodeError`."""
-    return mask_to_bool(open_image(data), threshold)
-
-
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an image file as ``uint8 [H, W, 3]`` RGB; a bad file raises :class:`DecodeError` naming it."""
     try:
@@ -130,6 +120,6 @@ def _sixteen_bit(img: Image.Image) -> np.ndarray:
 
 
 __all__ = [
-    "DecodeError", "IMAGE_EXTENSIONS", "MASK_EXTENSIONS", "decode_image", "decode_mask", "image_to_rgb",
+    "DecodeError", "IMAGE_EXTENSIONS", "MASK_EXTENSIONS", "image_to_rgb",
     "load_image", "load_mask", "mask_levels", "mask_to_bool", "open_image",
 ]

@@ -28,7 +28,6 @@ geometry runs through albumentations 2.x with fixed parameters (``fill``/``fill_
 from __future__ import annotations
 
 import bisect
-import collections
 import hashlib
 import json
 import logging
@@ -567,14 +566,9 @@ def run_views(
     return summary
 
 
-def kind_counts(table: pa.Table) -> dict[str, int]:
-    """Views per kind in a views table."""
-    return dict(collections.Counter(table.column("kind").to_pylist()))
-
-
 __all__ = [
     "KINDS", "OccluderRing", "VIEWS_SCHEMA", "ViewCounts", "ViewRenderError", "build_views", "draw_jitter_spec",
-    "draw_occluder_spec", "index_lookup", "jitter_image", "jitter_mask", "kind_counts", "occluder_patch",
+    "draw_occluder_spec", "index_lookup", "jitter_image", "jitter_mask", "occluder_patch",
     "paste_occluder", "pasted_occluder_mask", "read_views", "render_view", "resolve_output_size", "run_views",
     "sample_rng", "sample_views", "stable_u64",
 ]

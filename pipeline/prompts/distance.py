@@ -81,7 +81,3 @@ def squared_edt(mask: np.ndarray) -> np.ndarray:
     out = _row_envelope(_column_sq_dist(~m, big))
     return out.T if transpose else out
 
-
-def edt(mask: np.ndarray) -> np.ndarray:
-    """Euclidean distance transform (distance to the nearest background pixel), float64 ``[H, W]``."""
-    return np.sqrt(squared_edt(mask))

@@ -109,11 +109,6 @@ def all_reduce_sum(values: Sequence[float], ctx: DistContext) -> list[float]:
     return [float(v) for v in t.tolist()]
 
 
-def all_reduce_mean(value: float, ctx: DistContext) -> float:
-    """The mean of a Python float over ranks (for logging)."""
-    return all_reduce_sum([value], ctx)[0] / ctx.world_size
-
-
 def all_gather_object(obj: Any, ctx: DistContext) -> list[Any]:
     """Every rank's ``obj`` (a list of length world size; ``[obj]`` for a single process)."""
     if not ctx.distributed:
