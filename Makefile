@@ -39,7 +39,8 @@ bench: setup
 	for b in embed parquet_read rss_scaling train_cache plugin_latency; do \
 	  echo "== benchmarks/$$b.py"; $(BIN)/python -m benchmarks.$$b || exit 1; done
 
-# The fidelity study (about half an hour): what limits the plugins' gain; writes metrics/fidelity.json.
+# The fidelity study (39 min on 2 cores, resumable per variant): what limits the plugins' gain;
+# writes metrics/fidelity.json, plots/fidelity/recovery.png and prints the table of reports/fidelity.md.
 fidelity: setup
 	$(BIN)/python -m stages.fidelity --params params.yaml --out metrics/fidelity.json
 
