@@ -49,21 +49,18 @@ class Variant:
 
 def variants(params: Params) -> list[Variant]:
     """The study's rows for ``params`` (budgets are relative to its own ``train`` section)."""
-    steps, epochs = params.train.max_steps, params.train.epochs
-    if steps > 0:  # budgets in the unit the params use: steps, or epochs when max_steps = 0
-        half, double = ({"train.max_steps": max(1, steps // 2)}, {"train.max_steps": steps * 2})
-        half_name, double_name = f"{max(1, steps // 2)} steps", f"{steps * 2} steps"
-    else:
-        half, double = {"train.epochs": epochs / 2}, {"train.epochs": epochs * 2}
-        half_name, double_name = f"{epochs / 2:g} epochs", f"{epochs * 2:g} epochs"
+    # budgets in the unit the params use: steps, or epochs when max_steps = 0
+    steps = params.train.max_steps
+    key, unit, half_n, double_n = (("train.max_steps", "steps", max(1, steps // 2), steps * 2) if steps > 0 else
+                                   ("train.epochs", "epochs", params.train.epochs / 2, params.train.epochs * 2))
     return [
         Variant("sam", "sam", {}, "the frozen base"),
         Variant("pt_sam", "pt_sam", {}, "output tokens only (~1.3 K params)"),
         Variant("dsp", "dsp", {}, "DSP alone, α = (1, 0)"),
         Variant("stable_sam", "stable_sam", {}, "DSP + DRP, the default recipe"),
         Variant("dt_sam", "dt_sam", {"train.lr": params.train.lr / 10}, "the whole decoder (ceiling), lr / 10"),
-        Variant(f"stable_sam {half_name}", "stable_sam", half, "half the budget"),
-        Variant(f"stable_sam {double_name}", "stable_sam", double, "twice the budget"),
+        Variant(f"stable_sam {half_n:g} {unit}", "stable_sam", {key: half_n}, "half the budget"),
+        Variant(f"stable_sam {double_n:g} {unit}", "stable_sam", {key: double_n}, "twice the budget"),
         Variant("stable_sam cosine", "stable_sam", {"train.lr_schedule": "cosine", "train.warmup_steps": 20},
                 "cosine decay after 20 warm-up steps"),
         Variant("stable_sam lr / 3", "stable_sam", {"train.lr": params.train.lr / 3}, "a third of the learning rate"),
@@ -171,7 +168,10 @@ def dsp_offsets_on(predictor: Any, views: Iterable[tuple[torch.Tensor, tuple[int
 
 
 def dsp_offset_stats(base: Path, method: str, plugin: Path, embeddings: Path, max_views: int = 32) -> dict[str, float]:
-    """:func:`dsp_offsets_on` for a trained plugin file on the first ``max_views`` eval views (GT-box prompts)."""
+    """:func:`dsp_offsets_on` for a trained plugin file on the first ``max_views`` eval views (GT-box prompts);
+    ``{}`` for the frozen ``sam`` (no plugin)."""
+    if method == "sam":
+        return {}
     from itertools import islice
 
     from pipeline.data import rle
@@ -210,7 +210,7 @@ def run_variant(params: Params, variant: Variant, *, embeddings: Path, prompts: 
             plugins=d / "plugins", out=d / "eval", predictions=d / "pred", progress=False)}
     mean = hq_mean(per_bench, hq_benchmarks(p))
     plugin = d / "plugins" / f"{variant.method}.pt"
-    offsets = dsp_offset_stats(base, variant.method, plugin, embeddings) if variant.method != "sam" else {}
+    offsets = dsp_offset_stats(base, variant.method, plugin, embeddings)
     return {"name": variant.name, "method": variant.method, "changes": dict(variant.changes), "why": variant.why,
             "hq_mean": mean.get(variant.method, {}), "train_seconds": round(seconds, 1),
             "steps": trained.get("steps", 0), "sanity": trained.get("sanity_iou", {}), "dsp_offsets": offsets}
@@ -236,7 +236,7 @@ def run_study(params: Params, *, embeddings: Path, prompts: Path, base: Path, wo
             row = old
             if "dsp_offsets" not in row:
                 plugin = Path(work) / _slug(v.name) / "plugins" / f"{v.method}.pt"
-                row["dsp_offsets"] = dsp_offset_stats(base, v.method, plugin, embeddings) if v.method != "sam" else {}
+                row["dsp_offsets"] = dsp_offset_stats(base, v.method, plugin, embeddings)
         else:
             log.info("fidelity: %s (%s)", v.name, v.why)
             row = run_variant(params, v, embeddings=embeddings, prompts=prompts, base=base, work=work)
