@@ -15,7 +15,8 @@ from pipeline.config import load_params, replace
 from pipeline.data import rle
 from pipeline.evaluation import paper_numbers as paper
 from pipeline.evaluation.report import (
-    HQ_MEAN, GalleryInputs, ReportError, build_report, coco_key, gallery_rows, read_method_json, select_gallery_views,
+    HQ_MEAN, GalleryInputs, ReportError, build_report, coco_key, gallery_rows, hq_benchmarks, read_method_json,
+    select_gallery_views,
 )
 
 HQ_PROMPTS = ("gt_box", "noisy_box", "point_1", "point_3", "point_5", "point_10", "point_20")
@@ -296,7 +297,7 @@ def test_run_seeds_trains_each_extra_seed_under_its_own_seed(monkeypatch, tmp_pa
 
     p = replace(load_params(PROJECT_ROOT / "params.yaml"), **{"seed": 0, "seeds.extra": [1, 2],
                                                              "seeds.methods": ["stable_sam"]})
-    hq = [b for b in p.evaluate.benchmarks if b in ("DIS5K-VD", "COIFT", "HRSOD", "ThinObject5K-TE")]
+    hq = hq_benchmarks(p)
     seen: list[int] = []
 
     def fake_train(params, method, **kw):
