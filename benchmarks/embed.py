@@ -30,7 +30,7 @@ from PIL import Image
 from pipeline.config import load_params
 from pipeline.data import rle
 from pipeline.data.embed import embed_views, encode, render_batch, sort_views
-from pipeline.data.embeddings import iter_views
+from pipeline.data.embedding_reader import iter_views
 from pipeline.data.index import INDEX_SCHEMA, METADATA_KEY, mask_box
 from pipeline.data.synthetic import generate_sample
 from pipeline.data.views import build_views

@@ -15,7 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.data.embeddings import CacheMeta, EmbeddingDataset, read_cache_meta, write_synthetic_cache
+from pipeline.data.embedding_reader import EmbeddingDataset
+from pipeline.data.embedding_format import CacheMeta, read_cache_meta
+from tests.fakes import write_synthetic_cache
 
 
 def raw_read(paths: list[Path], chunk: int = 16 << 20) -> int:

@@ -25,7 +25,8 @@ META_KW = dict(variant="vit_l", checkpoint_sha256="0" * 64, img_size=1024, grid=
 
 def make(root: Path, rows: int) -> None:
     """Write a synthetic cache (in a subprocess of its own, for the reason above)."""
-    from pipeline.data.embeddings import CacheMeta, write_synthetic_cache
+    from pipeline.data.embedding_format import CacheMeta
+    from tests.fakes import write_synthetic_cache
 
     write_synthetic_cache(root, {("SYN", "train"): rows}, CacheMeta(**META_KW), shard_rows=128, row_group_size=32)
 
@@ -43,7 +44,7 @@ def child(root: Path, shuffle_buffer: int, batch: int) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from pipeline.data.embeddings import EmbeddingDataset
+    from pipeline.data.embedding_reader import EmbeddingDataset
 
     torch.manual_seed(0)
     head = torch.nn.Conv2d(META_KW["channels"], 4, 1)

@@ -24,10 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import load_params
-from pipeline.data.embeddings import CacheMeta, EmbeddingDataset, write_synthetic_cache
+from pipeline.data.embedding_reader import EmbeddingDataset
+from pipeline.data.embedding_format import CacheMeta
 from pipeline.modeling.backbones import build_sam
 from pipeline.modeling.methods import PromptBatch, build_method
 from pipeline.modeling.transforms import preprocess
+from tests.fakes import write_synthetic_cache
 
 PROJECT = Path(__file__).resolve().parent.parent
 

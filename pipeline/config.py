@@ -4,6 +4,9 @@ Every section of ``params.yaml`` is a frozen dataclass below. Loading is strict:
 missing key, a value of the wrong type or an impossible value raises :class:`ConfigError` naming the
 dotted key (``train.lr``) and the file. ``load_params()`` is the one way code reads configuration.
 
+One module by design (~600 lines): it is the schema of params.yaml, a section per dataclass in the file's
+order, so a reader checks a key and its rules in one place; the sections change together with the file.
+
     python -c "from pipeline.config import load_params; print(load_params())"
 """
 from __future__ import annotations
@@ -296,6 +299,9 @@ def _validate_eval_entries(coco: tuple[dict[str, Any], ...], folders: tuple[dict
                 raise ConfigError(f"{where}: needs exactly the keys {', '.join(keys)}; got {got}")
             if any(not isinstance(entry[k], str) for k in keys):
                 raise ConfigError(f"{where}: every value must be a string")
+            for k in ("images", "masks", "annotations"):
+                if k in entry and not entry[k]:
+                    raise ConfigError(f"{where}.{k}: must not be empty (a path: the stage depends on it)")
             if not entry["name"] or "/" in entry["name"] or entry["name"] in names:
                 raise ConfigError(f"{where}.name: {entry['name']!r} is empty, contains '/' or is already used")
             names.add(entry["name"])
@@ -327,12 +333,27 @@ class EvaluateConfig:
         _positive("evaluate.batch_size", self.batch_size)
         _positive("evaluate.flush_every", self.flush_every)
         _validate_eval_entries(self.coco, self.folders)
-        known = [*SETS_BY_NAME, *(e["name"] for e in self.coco), *(e["name"] for e in self.folders)]
+        hq = [s for s in SETS_BY_NAME if SETS_BY_NAME[s].split == "eval"]
+        user = {**{e["name"]: "coco" for e in self.coco}, **{e["name"]: "folders" for e in self.folders}}
+        seen: set[str] = set()
         for name in self.benchmarks:
-            if name not in known:
-                raise ConfigError(f"evaluate.benchmarks: unknown benchmark {name!r}; an HQ set "
-                                  f"({', '.join(s for s in SETS_BY_NAME if SETS_BY_NAME[s].split == 'eval')}) or the "
-                                  "name of an evaluate.coco / evaluate.folders entry")
+            if name in user:
+                raise ConfigError(
+                    f"evaluate.benchmarks: {name!r} is an evaluate.{user[name]} entry; every entry of "
+                    "evaluate.coco / evaluate.folders is scored by its own stage, so list only HQ eval sets "
+                    f"here ({', '.join(hq)})")
+            if name not in hq:
+                raise ConfigError(
+                    f"evaluate.benchmarks: unknown benchmark {name!r}; valid names: {', '.join(hq)} (HQ eval sets)"
+                    + (f"; your datasets {', '.join(user)} are scored without being listed here" if user else "")
+                    + "; add your own data to evaluate.coco / evaluate.folders")
+            if name in seen:
+                raise ConfigError(f"evaluate.benchmarks: {name!r} is listed twice")
+            seen.add(name)
+
+    def all_benchmarks(self) -> tuple[str, ...]:
+        """Every scored benchmark: ``benchmarks`` (HQ sets), then the evaluate.coco and evaluate.folders names."""
+        return (*self.benchmarks, *(str(e["name"]) for e in self.coco), *(str(e["name"]) for e in self.folders))
 
 
 @dataclass(frozen=True)

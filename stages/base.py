@@ -1,17 +1,18 @@
 """Stage ``base``: install the verified frozen SAM checkpoint.
 
     python -m stages.base --params params.yaml --out models/base
+
+The work is done by :func:`pipeline.modeling.sam_checkpoint.run_base`.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from pipeline.common.cli import run_stage
 from pipeline.config import load_params
-from pipeline.modeling.base import prepare_base
+from pipeline.modeling.sam_checkpoint import run_base
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default="models/base")
     args = ap.parse_args(argv)
-    return run_stage("base", lambda: print(json.dumps(prepare_base(load_params(args.params), Path(args.out)), indent=2)))
+    return run_stage("base", lambda: run_base(load_params(args.params), Path(args.out)))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 
 `--experiment` overrides `tracking.experiment`; `--metric` (repeatable) overrides
 `tracking.headline_metrics`. Not a DVC stage (it reads MLflow, not files); the work is done by
-:mod:`pipeline.tracking.compare`.
+:func:`pipeline.tracking.compare.run_compare`.
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_params
+from pipeline.common.cli import run_stage
+from pipeline.config import load_params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,22 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--last", type=int, default=5, help="how many runs in --mode runs")
     parser.add_argument("--metric", action="append", default=None, help="dotted eval metric (repeatable)")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_params(args.params).tracking
-    except ConfigError as exc:
-        print(f"compare: error: {exc}", file=sys.stderr)
-        return 2
-    from pipeline.tracking.compare import gather, to_markdown, write
-    from pipeline.tracking.mlflow_adapter import Tracker, resolve_tracking_uri
 
-    tracker = Tracker(resolve_tracking_uri(cfg.tracking_uri, args.params.resolve().parent),
-                      args.experiment or cfg.experiment)
-    comp = gather(tracker, args.metric or cfg.headline_metrics, mode=args.mode, last=args.last,
-                  registered_model=cfg.registered_model)
-    paths = write(comp, args.out)
-    print(to_markdown(comp))
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    from pipeline.tracking.compare import run_compare  # imports mlflow lazily: after argument errors
+
+    return run_stage("compare", lambda: run_compare(
+        load_params(args.params), args.params.resolve().parent, args.out, experiment=args.experiment,
+        mode=args.mode, last=args.last, metrics=args.metric))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 
 `data.source: hqseg44k` downloads `download.archives` from `download.endpoint` into `download.cache_dir`
 (resumable, sha256-verified; re-run after an interruption) and extracts them; `data.source: embedded`
-generates the offline stand-in with `generate.*`. See pipeline/data/download.py.
+generates the offline stand-in with `generate.*`. A failed download or a bad archive is one error line
+and exit code 2. The work is done by :func:`pipeline.data.download.run_download`.
 """
 from __future__ import annotations
 
@@ -13,10 +14,9 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.common.archive import ArchiveError
-from pipeline.common.http import DownloadError
+from pipeline.common.cli import run_stage
 from pipeline.config import load_params
-from pipeline.data.download import acquire_dataset
+from pipeline.data.download import run_download
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,21 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="dataset root to create (default: data.root from params)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_params(args.params)
-    out = Path(args.out or cfg.data.root)
-    try:
-        summary = acquire_dataset(cfg, out)
-    except (DownloadError, ArchiveError) as exc:
-        print(f"download failed: {exc}", file=sys.stderr)
-        return 1
-    print(f"{summary.get('source')}: dataset at {out}" + (" (already complete)" if summary.get("skipped") else ""))
-    for name, info in (summary.get("archives") or {}).items():
-        print(f"  {name}: {info['files']} files, {info['size']} bytes, sha256 {info['sha256']}")
-    for name, info in (summary.get("sets") or {}).items():
-        print(f"  {name}: {info}")
-    if summary.get("missing_sets"):
-        print(f"  WARNING: sets missing from the archives: {', '.join(summary['missing_sets'])}")
-    return 0
+    return run_stage("download", lambda: run_download(load_params(args.params), Path(args.out) if args.out else None))
 
 
 if __name__ == "__main__":

@@ -18,11 +18,9 @@ from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from pipeline.config import ConfigError, load_params
+from pipeline.common.cli import run_stage
+from pipeline.config import load_params
 from pipeline.data.embed import run_embed
-from pipeline.data.embeddings import StaleCacheError
-from pipeline.data.images import DecodeError
-from pipeline.data.views import ViewRenderError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,17 +37,13 @@ def main(argv: list[str] | None = None) -> int:
                              "a dependency changed)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        params = load_params(args.params)
+
+    def work() -> None:
         with logging_redirect_tqdm():
-            cache = run_embed(params, args.views, args.root, args.base, args.out, progress=not args.quiet,
-                              on_stale=args.on_stale)
-    except (ConfigError, FileNotFoundError, StaleCacheError, ViewRenderError, DecodeError, ValueError) as exc:
-        print(f"embed: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}: {cache['rows']} embeddings in {len(cache['shards'])} shards "
-          f"({cache['variant']}, checkpoint {cache['checkpoint_sha256'][:12]}..., grid {cache['grid']})")
-    return 0
+            run_embed(load_params(args.params), args.views, args.root, args.base, args.out,
+                      progress=not args.quiet, on_stale=args.on_stale)
+
+    return run_stage("embed", work)
 
 
 if __name__ == "__main__":

@@ -9,58 +9,69 @@ Reads params `evaluate` (postprocess, boundary ratio, device, batch size, coco/f
 (COCO/folder cap) and `index` (folder masks). Writes `<out>/<benchmark>/<method>.json` and
 `<predictions>/<benchmark>/<method>.parquet`; an interrupted run resumes from
 `<predictions>/<benchmark>/.<method>.partial/` (`--fresh` discards it).
-The work is done by :func:`pipeline.evaluation.evaluate.evaluate_benchmark`.
+The work is done by :func:`pipeline.evaluation.evaluate.run_evaluate`.
+
+A user dataset (an ``evaluate.coco`` / ``evaluate.folders`` entry) may be named by its whole entry, as
+dvc.yaml does (``${item}`` unpacks it: ``--name mine --images ... --masks ... --mask_suffix .png``), so that
+DVC re-runs exactly the stages whose entry changed; every given field must equal the params entry.
+``--index-only`` validates a user dataset like the index stage (no method, no model) and writes
+``<index-dir>/<name>/{index,quarantine}.parquet`` and ``<out>/<name>/index.json``:
+
+    python -m stages.evaluate --params params.yaml --index-only --name mine --out metrics/eval \
+        --index-dir data/eval_index
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from pipeline.config import ConfigError, load_params
-from pipeline.data.embeddings import StaleCacheError
-from pipeline.evaluation.evaluate import evaluate_benchmark
-from pipeline.evaluation.predict import EvaluationError
+from pipeline.common.cli import run_stage
+from pipeline.config import load_params
+from pipeline.evaluation.evaluate import run_evaluate
+from pipeline.evaluation.user_datasets import ENTRY_FIELDS
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
-    parser.add_argument("--benchmark", required=True, help="an HQ eval set, or the name of an evaluate.coco / evaluate.folders entry")
-    parser.add_argument("--method", required=True, help="method name (pipeline.modeling.methods.METHODS)")
+    parser.add_argument("--benchmark", "--name", dest="benchmark", required=True,
+                        help="an HQ eval set, or the name of an evaluate.coco / evaluate.folders entry")
+    parser.add_argument("--method", help="method name (pipeline.modeling.methods.METHODS); not with --index-only")
+    parser.add_argument("--index-only", action="store_true",
+                        help="validate the user dataset --benchmark and write its index + quarantine list")
+    parser.add_argument("--index-dir", type=Path, default=Path("data/eval_index"),
+                        help="with --index-only: writes <index-dir>/<benchmark>/{index,quarantine}.parquet")
+    for key in ENTRY_FIELDS:
+        parser.add_argument(f"--{key}", *([f"--{key.replace('_', '-')}"] if "_" in key else []), dest=f"entry_{key}",
+                            help=f"must equal the entry's {key} in params (dvc.yaml passes the whole entry)")
     parser.add_argument("--embeddings", type=Path, default=Path("data/embeddings"), help="embedding cache root")
     parser.add_argument("--prompts", type=Path, default=Path("data/prompts/eval.parquet"), help="eval prompts parquet")
     parser.add_argument("--base", type=Path, default=Path("models/base"), help="base model folder (sam.pt + base.json)")
     parser.add_argument("--plugins", type=Path, default=Path("models/plugins"), help="folder of trained <method>.pt files")
     parser.add_argument("--out", type=Path, required=True, help="metrics folder: writes <out>/<benchmark>/<method>.json")
-    parser.add_argument("--predictions", type=Path, required=True, help="writes <predictions>/<benchmark>/<method>.parquet")
+    parser.add_argument("--predictions", type=Path, help="writes <predictions>/<benchmark>/<method>.parquet")
     parser.add_argument("--fresh", action="store_true", help="discard partial results of an interrupted run")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if not args.index_only and (args.method is None or args.predictions is None):
+        parser.error("--method and --predictions are required (unless --index-only)")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.fresh:
-        shutil.rmtree(args.predictions / args.benchmark / f".{args.method}.partial", ignore_errors=True)
-    try:
-        cfg = load_params(args.params)
+
+    def work() -> None:
         with logging_redirect_tqdm():
-            metrics = evaluate_benchmark(
-                cfg, args.benchmark, args.method,
-                embeddings=args.embeddings, prompts=args.prompts, base=args.base, plugins=args.plugins,
-                out=args.out, predictions=args.predictions, progress=not args.quiet,
+            run_evaluate(
+                load_params(args.params), args.benchmark, args.method,
+                entry={k: getattr(args, f"entry_{k}") for k in ENTRY_FIELDS}, index_only=args.index_only,
+                index_dir=args.index_dir, embeddings=args.embeddings, prompts=args.prompts, base=args.base,
+                plugins=args.plugins, out=args.out, predictions=args.predictions, fresh=args.fresh,
+                progress=not args.quiet,
             )
-    except (ConfigError, FileNotFoundError, ValueError, KeyError, StaleCacheError, EvaluationError) as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"{args.benchmark} / {args.method}:")
-    for ptype, vals in sorted(metrics.items()):
-        print(f"  {ptype:14s} " + "  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in vals.items()))
-    print(json.dumps({"benchmark": args.benchmark, "method": args.method, "out": str(args.out / args.benchmark / f"{args.method}.json")}))
-    return 0
+
+    return run_stage("evaluate", work)
 
 
 if __name__ == "__main__":

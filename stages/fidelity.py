@@ -4,7 +4,8 @@
         --base models/base --work models/fidelity --out metrics/fidelity.json [--only "stable_sam" ...]
 
 Run after `make pipeline`; prints the Markdown table that reports/fidelity.md quotes. See
-pipeline/evaluation/fidelity.py for the variants.
+pipeline/evaluation/fidelity.py for the variants; the work is done by
+:func:`pipeline.evaluation.fidelity.run_fidelity`.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from pipeline.common.cli import run_stage
 from pipeline.config import load_params
-from pipeline.evaluation.fidelity import markdown_table, recovery_plot, run_study
+from pipeline.evaluation.fidelity import run_fidelity
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,15 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run (sam always runs)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    def work() -> None:
-        result = run_study(load_params(args.params), embeddings=args.embeddings, prompts=args.prompts,
-                           base=args.base, work=args.work, out=args.out, only=args.only)
-        recovery_plot(result, args.plot)
-        print("\n".join(markdown_table(result)))
-        print(f"DRP gradient norm: {result['drp']}")
-
-    return run_stage("fidelity", work)
+    return run_stage("fidelity", lambda: run_fidelity(
+        load_params(args.params), embeddings=args.embeddings, prompts=args.prompts, base=args.base,
+        work=args.work, out=args.out, plot=args.plot, only=args.only))
 
 
 if __name__ == "__main__":

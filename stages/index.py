@@ -5,7 +5,7 @@
 Reads params `data` (sets, cap) and `index` (mask threshold, minimum mask pixels). Writes
 `<out>/index.parquet`, `<out>/quarantine.parquet` and the metrics JSON, and prints a per-set table.
 An interrupted run resumes from a journal next to `<out>` (`.<out name>.journal.jsonl`, removed on
-success; `--fresh` ignores it). The work is done by :func:`pipeline.data.index.build_index`.
+success; `--fresh` ignores it). The work is done by :func:`pipeline.data.index.run_index`.
 """
 from __future__ import annotations
 
@@ -16,13 +16,11 @@ from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from pipeline.config import ConfigError, load_params
-from pipeline.data.index import IndexBuildError, build_index, write_index
+from pipeline.common.cli import run_stage
+from pipeline.config import load_params
+from pipeline.data.index import default_journal, run_index
 
-
-def default_journal(out: Path) -> Path:
-    """Where the resume journal of an index run writing ``out`` lives (outside ``out``: DVC clears it)."""
-    return out.parent / f".{out.name}.journal.jsonl"
+__all__ = ["default_journal", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,22 +36,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
 
-    journal = default_journal(args.out)
-    if args.fresh:
-        journal.unlink(missing_ok=True)
-    try:
-        cfg = load_params(args.params)
+    def work() -> None:
         with logging_redirect_tqdm():
-            result = build_index(args.root, cfg, journal=journal, progress=not args.quiet)
-    except (ConfigError, IndexBuildError) as exc:
-        print(f"index: error: {exc}", file=sys.stderr)
-        return 2
-    write_index(result, args.out, args.metrics)
-    journal.unlink(missing_ok=True)
-    print(result.summary_table())
-    print(f"wrote {args.out}/index.parquet ({len(result.rows)} pairs), "
-          f"{args.out}/quarantine.parquet ({len(result.quarantine)} files)")
-    return 0
+            run_index(load_params(args.params), args.root, args.out, args.metrics, fresh=args.fresh,
+                      progress=not args.quiet)
+
+    return run_stage("index", work)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,19 @@
 """Stage ``prompts``: training prompt mix + fixed evaluation prompts from the embedding cache's GT masks.
 
     python -m stages.prompts --params params.yaml --embeddings data/embeddings --out data/prompts
+
+The work is done by :func:`pipeline.prompts.stage.run_prompts`.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
 from pipeline.common.cli import run_stage
 from pipeline.config import load_params
-from pipeline.prompts.stage import make_prompts
+from pipeline.prompts.stage import run_prompts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,12 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="output folder (data/prompts)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    def work() -> None:
-        summary = make_prompts(load_params(args.params), args.embeddings, args.out)
-        print(json.dumps(summary, indent=2, sort_keys=True))
-
-    return run_stage("prompts", work)
+    return run_stage("prompts", lambda: run_prompts(load_params(args.params), args.embeddings, args.out))
 
 
 if __name__ == "__main__":

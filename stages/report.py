@@ -6,7 +6,7 @@
 
 Reads params `data`, `sam`, `prompts.eval_types`/`eval_draws`, `index.mask_threshold`, `evaluate` (methods,
 benchmarks, gallery_images) and `report`. `--headline` defaults to `headline.json` next to `--metrics`.
-The work is done by :func:`pipeline.evaluation.report.build_report`.
+The work is done by :func:`pipeline.evaluation.report.run_report`.
 """
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_params
-from pipeline.evaluation.report import ReportError, build_report
+from pipeline.common.cli import run_stage
+from pipeline.config import load_params
+from pipeline.evaluation.report import run_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,17 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, required=True, help="Markdown summary to write (reports/summary.md)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_params(args.params)
-        result = build_report(cfg, args.eval_dir, args.predictions, args.prompts, args.index, args.root,
-                              args.metrics, args.plots, args.report, out_headline=args.headline,
-                              seeds_json=args.seeds)
-    except (ConfigError, ReportError) as exc:
-        print(f"report: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {result.metrics_path}, {result.headline_path}, {result.report_md} and {len(result.plots)} plot files "
-          f"under {args.plots}" + (f" ({len(result.notes)} notes in the summary)" if result.notes else ""))
-    return 0
+    return run_stage("report", lambda: run_report(
+        load_params(args.params), args.eval_dir, args.predictions, args.prompts, args.index, args.root,
+        args.metrics, args.plots, args.report, out_headline=args.headline, seeds_json=args.seeds))
 
 
 if __name__ == "__main__":

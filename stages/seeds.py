@@ -3,21 +3,19 @@
     python -m stages.seeds --params params.yaml --embeddings data/embeddings --prompts data/prompts \\
         --base models/base --eval-dir metrics/eval --work models/seeds --out metrics/seeds.json
 
-The pipeline's own run (params ``seed``) is the first sample; see pipeline/evaluation/seeds.py.
+The pipeline's own run (params ``seed``) is the first sample. The work is done by
+:func:`pipeline.evaluation.seeds.run_seeds`.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_params
-from pipeline.evaluation.predict import EvaluationError
-from pipeline.evaluation.report import ReportError
+from pipeline.common.cli import run_stage
+from pipeline.config import load_params
 from pipeline.evaluation.seeds import run_seeds
-from pipeline.modeling.plugin_file import PluginFileError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,19 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="metrics/seeds.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        result = run_seeds(load_params(args.params), embeddings=args.embeddings, prompts=args.prompts, base=args.base,
-                           eval_dir=args.eval_dir, work=args.work, out=args.out)
-    except (ConfigError, ReportError, EvaluationError, PluginFileError, FileNotFoundError, ValueError) as exc:
-        print(f"seeds: error: {exc}", file=sys.stderr)
-        return 2
-    for method, block in result["methods"].items():
-        for prompt in ("noisy_box", "point_1"):
-            r = block.get(prompt, {}).get("recovery")
-            if r:
-                print(f"{method} R_{prompt}: {r['mean']:.3f} ± {r['std']:.3f} over {r['n']} seeds")
-    print(json.dumps({"out": str(args.out), "seeds": result["seeds"]}))
-    return 0
+    return run_stage("seeds", lambda: run_seeds(
+        load_params(args.params), embeddings=args.embeddings, prompts=args.prompts, base=args.base,
+        eval_dir=args.eval_dir, work=args.work, out=args.out))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 Reads every stage's outputs (paths below, defaults = dvc.yaml's), params `tracking` (store, experiment,
 registered model, promote metric, model format) and the whole params file (logged flattened). Writes
 `--out` (default metrics/track.json: run ids, registered version). Re-running after a crash resumes the
-same MLflow run. The work is done by :func:`pipeline.tracking.track.track_pipeline`; promotion is
+same MLflow run. The work is done by :func:`pipeline.tracking.track.run_track`; promotion is
 `python -m pipeline.tracking.promotion` (the Prefect `retrain` flow runs it after the pipeline).
 """
 from __future__ import annotations
@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_params
-from pipeline.tracking.collect import PipelineOutputs, TrackingInputError
+from pipeline.common.cli import run_stage
+from pipeline.config import load_params
+from pipeline.tracking.collect import PipelineOutputs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,21 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from pipeline.tracking.track import track_pipeline  # imports mlflow (slow): after argument errors
+    from pipeline.tracking.track import run_track  # imports mlflow (slow): after argument errors
 
     outputs = PipelineOutputs(
         root=Path(".").resolve(), eval_json=args.eval_json, train_metrics=args.train_metrics,
         train_plots=args.train_plots, plots=args.plots, report=args.report, metrics=args.metrics_dir,
         plugins=args.plugins, base=args.base, dvc_lock=args.dvc_lock)
-    try:
-        params = load_params(args.params)
-        result = track_pipeline(params, outputs, exp_name=args.exp_name, out_json=args.out)
-    except (ConfigError, TrackingInputError) as exc:
-        print(f"track: error: {exc}", file=sys.stderr)
-        return 2
-    for key, value in asdict(result).items():
-        print(f"{key}: {value}")
-    return 0
+    return run_stage("track", lambda: run_track(load_params(args.params), outputs, exp_name=args.exp_name,
+                                                out_json=args.out))
 
 
 if __name__ == "__main__":

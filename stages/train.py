@@ -4,11 +4,12 @@
         --prompts data/prompts/train.parquet --base models/base --out models/plugins \\
         --metrics metrics/train --plots plots/train [--resume]
     torchrun --standalone --nproc_per_node 2 -m stages.train ...   # DDP (gloo on CPU, NCCL on CUDA)
+
+The work is done by :func:`pipeline.training.train.run_train`.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from pipeline.common.cli import run_stage
 from pipeline.config import load_params
-from pipeline.training.train import train
+from pipeline.training.train import run_train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,15 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
-
-    def work() -> None:
-        result = train(load_params(args.params), args.method, embeddings=args.embeddings, prompts=args.prompts,
-                       base=args.base, out=args.out, metrics=args.metrics, plots=args.plots,
-                       resume={"no": False, "yes": True, "auto": "auto"}[args.resume], checkpoints=args.checkpoints)
-        if rank == 0:
-            print(json.dumps(result, indent=2, sort_keys=True))
-
-    return run_stage("train", work)
+    return run_stage("train", lambda: run_train(
+        load_params(args.params), args.method, embeddings=args.embeddings, prompts=args.prompts, base=args.base,
+        out=args.out, metrics=args.metrics, plots=args.plots,
+        resume={"no": False, "yes": True, "auto": "auto"}[args.resume], checkpoints=args.checkpoints))
 
 
 if __name__ == "__main__":

@@ -1,26 +1,24 @@
-"""DVC stage `views`: the deterministic original / jitter / occluded views of every image (SPEC §3).
+"""DVC stage `views`: the deterministic original / jitter / occluded views of every image (docs/METHOD.md §3).
 
     python -m stages.views --params params.yaml --index data/index/index.parquet --root data/hqseg44k --out data/views
 
 Reads params `views` (and `sam.variant` / `base_pretrain.img_size` when `views.output_size` is 0).
 Writes `<out>/views.parquet` and `<out>/summary.json` (views per kind, dropped jitter draws and
-occlusions), prints the summary, and optionally copies it to `--metrics`. The work is done by
+occlusions), logs the summary, and optionally copies it to `--metrics`. The work is done by
 :func:`pipeline.data.views.run_views`; only masks are decoded, in `--workers` processes.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from pipeline.common.atomic import atomic_write_json
-from pipeline.config import ConfigError, load_params
-from pipeline.data.images import DecodeError
-from pipeline.data.views import ViewRenderError, run_views
+from pipeline.common.cli import run_stage
+from pipeline.config import load_params
+from pipeline.data.views import run_views
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,18 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        params = load_params(args.params)
+
+    def work() -> None:
         with logging_redirect_tqdm():
-            summary = run_views(params, args.index, args.root, args.out, workers=args.workers, progress=not args.quiet)
-    except (ConfigError, FileNotFoundError, ValueError, ViewRenderError, DecodeError) as exc:
-        print(f"views: error: {exc}", file=sys.stderr)
-        return 2
-    if args.metrics is not None:
-        atomic_write_json(args.metrics, summary)
-    print(json.dumps(summary, indent=2, sort_keys=True))
-    print(f"wrote {args.out}/views.parquet ({summary['total_views']} views)")
-    return 0
+            run_views(load_params(args.params), args.index, args.root, args.out, workers=args.workers,
+                      progress=not args.quiet, metrics=args.metrics)
+
+    return run_stage("views", work)
 
 
 if __name__ == "__main__":

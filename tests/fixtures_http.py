@@ -7,7 +7,7 @@ Serves an in-memory ``{path: bytes}`` table on 127.0.0.1 (port 0) from a daemon 
 206 for the bytes from that offset, asked for or not), ``fail_status`` (answer that status ``fail_times``
 times). Every request's path and Range header is recorded in ``requests``.
 
-Use it with ``from tests.fixtures_http import http_server`` (a pytest fixture) or as a context manager:
+Use it through the ``http_server`` fixture (tests/conftest.py) or as a context manager:
 ``with LoopbackServer() as srv: srv.files["/a.zip"] = data; url = srv.url("a.zip")``.
 """
 from __future__ import annotations
@@ -15,9 +15,6 @@ from __future__ import annotations
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator
-
-import pytest
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 
@@ -133,9 +130,3 @@ class LoopbackServer:
 
         return Handler
 
-
-@pytest.fixture
-def http_server() -> Iterator[LoopbackServer]:
-    """A started :class:`LoopbackServer`, shut down after the test."""
-    with LoopbackServer() as srv:
-        yield srv

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from pipeline.common.hashing import sha256_file
-from pipeline.config import load_params, replace
+from pipeline.config import replace
 from pipeline.modeling import backbones
 from pipeline.modeling.backbones import ChecksumMismatch, build_tiny, load_base
-from pipeline.modeling.base import prepare_base
+from pipeline.modeling.sam_checkpoint import prepare_base
+from tests.fakes import load_test_params
+from tests.fixtures_http import LoopbackServer
 
 
 @pytest.fixture()
@@ -24,7 +26,7 @@ def tiny_ckpt(tmp_path) -> Path:
 
 
 def _params(tmp_path, **overrides):
-    return replace(load_params("params.yaml"), **{"sam.cache_dir": str(tmp_path / "cache"), **overrides})
+    return replace(load_test_params(), **{"sam.cache_dir": str(tmp_path / "cache"), **overrides})
 
 
 def _tiny_spec(monkeypatch, path: Path, sha: str) -> None:
@@ -82,8 +84,6 @@ def test_unknown_variant_named():
 @pytest.mark.slow
 def test_fake_official_vit_b_over_loopback_http(tmp_path, monkeypatch):
     """A random-init ViT-B with the official key names and shapes, served from 127.0.0.1, verified and loaded."""
-    from tests.fixtures_http import LoopbackServer
-
     torch.manual_seed(0)
     sd = backbones.BACKBONES["vit_b"].builder().state_dict()
     fake = tmp_path / "sam_vit_b_01ec64.pth"

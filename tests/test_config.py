@@ -1,4 +1,7 @@
-"""pipeline.config: both shipped profiles load; every kind of bad params fails naming the dotted key."""
+"""pipeline.config: both shipped profiles load; every kind of bad params fails naming the dotted key.
+
+Value checks run on the test profile (tests/params_test.yaml); the live params.yaml is only loaded.
+"""
 from __future__ import annotations
 
 import copy
@@ -12,6 +15,7 @@ import yaml
 
 from pipeline import PROJECT_ROOT
 from pipeline.config import ConfigError, Params, load_params, params_from_dict, replace
+from tests.fakes import TEST_PARAMS_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "params.yaml"
@@ -19,8 +23,8 @@ FULL = ROOT / "params-full.yaml"
 
 
 @pytest.fixture(scope="module")
-def raw() -> dict[str, Any]:
-    return yaml.safe_load(DEFAULT.read_text(encoding="utf-8"))
+def raw(test_params_path: Path) -> dict[str, Any]:
+    return yaml.safe_load(test_params_path.read_text(encoding="utf-8"))
 
 
 def _write(tmp_path: Path, raw: dict[str, Any]) -> Path:
@@ -44,15 +48,21 @@ def _key_paths(node: Any, prefix: str = "") -> set[str]:
 
 
 # ---------------------------------------------------------------------------------------------- profiles
-def test_default_profile_loads() -> None:
+def test_live_params_file_loads() -> None:
+    """params.yaml loads, whichever profile it holds (its values are the user's, not checked here)."""
     p = load_params(DEFAULT)
     assert isinstance(p, Params)
-    assert p.data.source == "embedded" and p.sam.variant == "tiny"
     assert params_from_dict(p.to_dict()) == p  # round trip through plain dicts
 
 
-def test_full_profile_loads_with_full_scale_values() -> None:
-    full, default = load_params(FULL), load_params(DEFAULT)
+def test_test_profile_is_the_embedded_default(test_params: Params) -> None:
+    """The tests' own profile: generated data and the tiny base model, so the suite runs offline on a CPU."""
+    assert test_params.data.source == "embedded" and test_params.sam.variant == "tiny"
+    assert params_from_dict(test_params.to_dict()) == test_params
+
+
+def test_full_profile_loads_with_full_scale_values(test_params: Params) -> None:
+    full, default = load_params(FULL), test_params  # the test profile is the embedded default
     assert full.data.source == "hqseg44k"
     assert full.sam.variant == "vit_l"
     assert full.prompts.eval_draws == 20
@@ -62,11 +72,12 @@ def test_full_profile_loads_with_full_scale_values() -> None:
     assert full.download == default.download
 
 
-def test_profiles_have_the_same_keys() -> None:
+@pytest.mark.parametrize("other", [FULL, TEST_PARAMS_PATH], ids=["params-full", "params_test"])
+def test_profiles_have_the_same_keys(other: Path) -> None:
     default = _key_paths(yaml.safe_load(DEFAULT.read_text(encoding="utf-8")))
-    full = _key_paths(yaml.safe_load(FULL.read_text(encoding="utf-8")))
-    assert not default - full, f"add these keys to params-full.yaml too: {sorted(default - full)}"
-    assert not full - default, f"params-full.yaml has keys params.yaml lacks: {sorted(full - default)}"
+    keys = _key_paths(yaml.safe_load(other.read_text(encoding="utf-8")))
+    assert not default - keys, f"add these keys to {other} too: {sorted(default - keys)}"
+    assert not keys - default, f"{other} has keys params.yaml lacks: {sorted(keys - default)}"
 
 
 # ---------------------------------------------------------------------------------------------- bad params
@@ -142,12 +153,12 @@ def test_unreadable_files(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- overrides
-def test_overrides_like_dvc_exp_run_set() -> None:
-    base = load_params(DEFAULT)
-    p = load_params(DEFAULT, overrides={"train.lr": 3e-4, "data.source": "hqseg44k", "sam.variant": "vit_l"})
+def test_overrides_like_dvc_exp_run_set(test_params_path: Path) -> None:
+    base = load_params(test_params_path)
+    p = load_params(test_params_path, overrides={"train.lr": 3e-4, "data.source": "hqseg44k", "sam.variant": "vit_l"})
     assert p.train.lr == 3e-4 and p.data.source == "hqseg44k" and p.sam.variant == "vit_l"
     assert p.train.batch_size == base.train.batch_size  # everything else untouched
-    assert load_params(DEFAULT, overrides={"train.lr": 1}).train.lr == 1.0  # an int is a valid float
+    assert load_params(test_params_path, overrides={"train.lr": 1}).train.lr == 1.0  # an int is a valid float
 
 
 @pytest.mark.parametrize(
@@ -159,13 +170,13 @@ def test_overrides_like_dvc_exp_run_set() -> None:
         ({"data.source": "s3"}, "data.source"),
     ],
 )
-def test_bad_overrides_name_the_key(overrides: dict[str, Any], key: str) -> None:
+def test_bad_overrides_name_the_key(overrides: dict[str, Any], key: str, test_params_path: Path) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_params(DEFAULT, overrides=overrides)
+        load_params(test_params_path, overrides=overrides)
 
 
-def test_params_are_frozen_and_replace_copies() -> None:
-    p = load_params(DEFAULT)
+def test_params_are_frozen_and_replace_copies(test_params: Params) -> None:
+    p = test_params
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.train.lr = 1.0  # type: ignore[misc]
     q = replace(p, **{"train.lr": 0.5, "download.retries": 7})
@@ -175,12 +186,12 @@ def test_params_are_frozen_and_replace_copies() -> None:
         replace(p, **{"train.lr": -2.0})
 
 
-def test_config_imports_neither_torch_nor_segment_anything():
+def test_config_imports_neither_torch_nor_segment_anything(test_params_path: Path) -> None:
     """Loading params (download, the Prefect CLI, ...) must not pay for importing the model stack."""
     import subprocess
     import sys
 
-    code = ("import sys; import pipeline.config as c; c.load_params('params.yaml'); "
+    code = (f"import sys; import pipeline.config as c; c.load_params({str(test_params_path)!r}); "
             "print(sorted(m for m in ('torch', 'segment_anything', 'torchvision') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PROJECT_ROOT)
     assert out.stdout.strip() == "[]"
@@ -195,6 +206,6 @@ def test_config_imports_neither_torch_nor_segment_anything():
     ({"seeds.methods": ["dsp"]}, "seeds.methods: 'dsp' must also be in train.methods"),
     ({"seeds.extra": [0, 1]}, "seeds.extra: 0 is the pipeline's own `seed`"),
 ])
-def test_config_holes_are_closed(override, message):
+def test_config_holes_are_closed(override: dict[str, Any], message: str, test_params_path: Path) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_params(PROJECT_ROOT / "params.yaml", override)
+        load_params(test_params_path, override)

@@ -12,18 +12,16 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import yaml
 from PIL import Image
 
 import pipeline.common.http as http_mod
 from pipeline.common.archive import ArchiveError, CorruptArchiveError, UnsafeArchiveError, safe_extract_zip
 from pipeline.common.http import ChecksumError, DownloadError, download_file, part_path
-from pipeline.config import Params, load_params, replace
+from pipeline.config import Params, replace
 from pipeline.data.download import MANIFEST_NAME, SUMS_NAME, acquire_dataset, download_hqseg44k
 from pipeline.data.layout import ARCHIVES, HQSEG_SETS
-from tests.fixtures_http import LoopbackServer, http_server  # noqa: F401 - pytest fixture
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.fakes import load_test_params, write_test_params
+from tests.fixtures_http import LoopbackServer
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -73,8 +71,7 @@ def archives() -> dict[str, bytes]:
 
 
 def _params(endpoint: str, cache: Path, **extra: object) -> Params:
-    base = load_params(ROOT / "params.yaml")
-    return replace(base, **{
+    return load_test_params(**{
         "data.source": "hqseg44k", "download.endpoint": endpoint, "download.cache_dir": str(cache),
         "download.retries": 1, "download.timeout_s": 10.0, **extra,
     })
@@ -358,16 +355,13 @@ def test_hqseg44k_truncated_archive_then_retry(
         "/data/thin_object_detection.zip", "/data/cascade_psp.zip"]
 
 
-def test_hqseg44k_file_url_and_stage_cli(archives: dict[str, bytes], tmp_path: Path) -> None:
+def test_hqseg44k_file_url_and_stage_cli(archives: dict[str, bytes], tmp_path: Path, test_params: Params) -> None:
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     for name, data in archives.items():
         (mirror / name).write_bytes(data)
-    raw = load_params(ROOT / "params.yaml").to_dict()
-    raw["data"]["source"] = "hqseg44k"
-    raw["download"].update(endpoint=mirror.as_uri(), cache_dir=str(tmp_path / "cache"))
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(raw))
+    params_file = write_test_params(tmp_path / "params.yaml", test_params, **{
+        "data.source": "hqseg44k", "download.endpoint": mirror.as_uri(), "download.cache_dir": str(tmp_path / "cache")})
     from stages.download import main
 
     out = tmp_path / "hq"
@@ -376,12 +370,12 @@ def test_hqseg44k_file_url_and_stage_cli(archives: dict[str, bytes], tmp_path: P
     (mirror / "cascade_psp.zip").unlink()
     shutil.rmtree(out)
     (tmp_path / "cache" / "cascade_psp.zip").unlink()
-    assert main(["--params", str(params_file), "--out", str(out)]) == 1  # clear message, no traceback
+    assert main(["--params", str(params_file), "--out", str(out)]) == 2  # one error line, no traceback
     assert not out.exists()
 
 
-def test_acquire_dataset_embedded_generates_the_layout(tmp_path: Path) -> None:
-    cfg = replace(load_params(ROOT / "params.yaml"), **{
+def test_acquire_dataset_embedded_generates_the_layout(tmp_path: Path, test_params: Params) -> None:
+    cfg = replace(test_params, **{
         "data.source": "embedded", "download.endpoint": "http://127.0.0.1:9/unreachable",
         "generate.train_images_per_set": 1, "generate.eval_images_per_set": 1,
         "generate.min_side": 64, "generate.max_side": 64, "generate.inject_defects": False,

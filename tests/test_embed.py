@@ -1,6 +1,7 @@
 """Embed stage: shard format, fidelity to the encoder, kill-and-resume byte identity, stale-cache refusal."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,22 +15,21 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.config import load_params
 from pipeline.data.embed import EXIT_AFTER_SHARDS_ENV, embed_views
-from pipeline.data.embeddings import (
+from pipeline.data.embedding_format import (
     CACHE_FILE,
     META_KEY,
     CacheMeta,
     IncompleteCacheError,
     StaleCacheError,
-    iter_views,
     read_cache_meta,
     write_shard,
 )
+from pipeline.data.embedding_reader import iter_views
 from pipeline.data.views import build_views, render_view
-from pipeline.modeling.backbones import build_tiny
 from pipeline.modeling.transforms import preprocess
-from tests.test_views import small_index, views_cfg
+from tests import fakes
+from tests.fakes import load_test_params, small_index, views_cfg, write_test_params, write_tiny_base
 
 PROJECT = Path(__file__).resolve().parent.parent
 IMG, GRID = 64, 8
@@ -38,12 +38,12 @@ INFO = {"variant": "tiny", "checkpoint_sha256": "ab" * 32, "img_size": IMG, "gri
 
 def tiny_sam(seed: int = 0) -> torch.nn.Module:
     """A small SAM-architecture model (random init, fixed seed): 64² input, 8x8x256 embeddings."""
-    torch.manual_seed(seed)
-    return build_tiny(IMG, GRID).eval()
+    return fakes.tiny_sam(IMG, GRID, seed)
 
 
 def embed_cfg(**changes):
-    base = load_params(PROJECT / "params.yaml").embed
+    """The test profile's embed section, with small shards and row groups (several per split)."""
+    base = load_test_params().embed
     return replace(base, **{"shard_rows": 4, "row_group_size": 2, "batch_size": 3, "device": "cpu", **changes})
 
 
@@ -104,11 +104,13 @@ def test_bf16_autocast_is_close_to_fp32(tmp_path: Path) -> None:
 
 
 _KILL_SCRIPT = """
-import sys, pyarrow.parquet as pq
-from tests.test_embed import tiny_sam, embed_cfg, INFO
+import json, sys, pyarrow.parquet as pq
+from pipeline.config import EmbedConfig
 from pipeline.data.embed import embed_views
-root, out = sys.argv[1], sys.argv[2]
-embed_views(pq.read_table(root + "/views.parquet"), root, tiny_sam(), INFO, out, embed_cfg(), progress=False)
+from tests.fakes import tiny_sam
+root, out, img, grid, info, cfg = sys.argv[1:7]
+embed_views(pq.read_table(root + "/views.parquet"), root, tiny_sam(int(img), int(grid)), json.loads(info), out,
+            EmbedConfig(**json.loads(cfg)), progress=False)
 """
 
 
@@ -119,7 +121,8 @@ def test_killed_run_resumes_to_byte_identical_shards(tmp_path: Path) -> None:
     embed_views(views, tmp_path, tiny_sam(), INFO, whole, embed_cfg(), progress=False)
     # same intra-op thread count as this process: float sums must be ordered alike to be byte-identical
     env = {**os.environ, EXIT_AFTER_SHARDS_ENV: "2", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(tmp_path), str(parted)], cwd=PROJECT, env=env,
+    argv = [str(tmp_path), str(parted), str(IMG), str(GRID), json.dumps(INFO), json.dumps(dataclasses.asdict(embed_cfg()))]
+    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, *argv], cwd=PROJECT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 17, proc.stderr[-2000:]
     assert len(shard_bytes(parted)) == 2 and not (parted / CACHE_FILE).exists()
@@ -165,28 +168,19 @@ def test_stale_caches_are_refused(tmp_path: Path) -> None:
 
 
 def test_stage_clis_views_then_embed_and_refuse_another_base(tmp_path: Path, capsys) -> None:
-    from pipeline.common.hashing import sha256_file
-    from pipeline.modeling.backbones import freeze
     from stages.embed import main as embed_main
     from stages.views import main as views_main
-    from tests.test_views import small_index
 
     root = tmp_path / "data"
     pq.write_table(small_index(root, n_train=2, n_eval=1), tmp_path / "index.parquet")
-    params = tmp_path / "params.yaml"
-    text = (PROJECT / "params.yaml").read_text()
-    text = text.replace("  output_size: 0 ", f"  output_size: {IMG} ").replace("  shard_rows: 256 ", "  shard_rows: 4 ")
-    params.write_text(text)
+    params = write_test_params(tmp_path / "params.yaml", **{"views.output_size": IMG, "embed.shard_rows": 4})
     rc = views_main(["--params", str(params), "--index", str(tmp_path / "index.parquet"), "--root", str(root),
                      "--out", str(tmp_path / "views"), "--workers", "1", "--quiet"])
     assert rc == 0 and (tmp_path / "views" / "views.parquet").is_file()
 
     def base(seed: int) -> Path:
         folder = tmp_path / f"base{seed}"
-        folder.mkdir()
-        torch.save(freeze(tiny_sam(seed)).state_dict(), folder / "sam.pt")
-        info = {**INFO, "checkpoint_sha256": sha256_file(folder / "sam.pt")}
-        (folder / "base.json").write_text(json.dumps(info))
+        write_tiny_base(folder, img=IMG, grid=GRID, seed=seed)
         return folder
 
     args = ["--params", str(params), "--views", str(tmp_path / "views" / "views.parquet"), "--root", str(root),

@@ -15,20 +15,17 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import PROJECT_ROOT
-from pipeline.common.hashing import sha256_file
-from pipeline.config import Params, load_params, replace
+from pipeline.config import Params, replace
 from pipeline.data import rle
-from pipeline.data.embeddings import CACHE_FILE, SCALAR_COLUMNS, CacheMeta, shard_path, write_shard
+from pipeline.data.embedding_format import CacheMeta
 from pipeline.evaluation import evaluate as ev_mod
 from pipeline.evaluation.coco import load_coco, segm_map
 from pipeline.evaluation.evaluate import evaluate_benchmark, evaluate_with_predictor
 from pipeline.inference.predictor import Predictor
 from pipeline.evaluation.metrics import boundary_iou, mask_iou
-from pipeline.modeling.backbones import build_tiny, freeze
 from pipeline.modeling.methods import build_method
-from pipeline.modeling.transforms import input_size
 from pipeline.prompts.synthesis import eval_prompts
+from tests.fakes import FakeShard, view_columns, write_cache, write_tiny_base
 
 IMG, GRID, C = 64, 16, 256
 DRAWS = 3
@@ -44,39 +41,22 @@ def blob_mask(h: int, w: int, seed: int) -> np.ndarray:
     return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
 
 
-def write_cache(root: Path, checkpoint_sha256: str) -> list[str]:
-    """A one-shard embedding cache written with the cache module's own writer + its CACHE.json."""
+def write_eval_cache(root: Path, checkpoint_sha256: str) -> list[str]:
+    """A one-shard eval cache of :data:`SIZES` views with blob GT masks; returns the view ids."""
     rng = np.random.default_rng(0)
-    cols: dict[str, list[Any]] = {k: [] for k in SCALAR_COLUMNS}
-    for k, (h, w) in enumerate(SIZES):
-        view = f"{DATASET}/img{k}#0"
-        in_h, in_w = input_size((h, w), IMG, "sam")
-        for key, val in zip(SCALAR_COLUMNS, (view, view.split("#")[0], DATASET, "eval", h, w, in_h, in_w,
-                                             rle.encode(blob_mask(h, w, k)))):
-            cols[key].append(val)
+    views = [(f"{DATASET}/img{k}#0", h, w, blob_mask(h, w, k)) for k, (h, w) in enumerate(SIZES)]
     emb = (rng.standard_normal((len(SIZES), C, GRID, GRID)) * 0.5).astype(np.float16)
     meta = CacheMeta(variant="tiny", checkpoint_sha256=checkpoint_sha256, img_size=IMG, grid=GRID, channels=C)
-    path = shard_path(root, DATASET, "eval", 0)
-    path.parent.mkdir(parents=True)
-    extra = {"dataset": DATASET, "split": "eval", "shard": 0, "rows": len(SIZES), "views_sha256": "0" * 64}
-    size = write_shard(path, cols, emb, meta, extra, row_group_size=2)
-    shard = {"path": str(path.relative_to(root)), "dataset": DATASET, "split": "eval", "rows": len(SIZES),
-             "views_sha256": "0" * 64, "bytes": size}
-    (root / CACHE_FILE).write_text(json.dumps({**meta.as_dict(), "shards": [shard]}))
-    return cols["view_id"]
+    write_cache(root, meta, [FakeShard(DATASET, "eval", view_columns(views, "eval", IMG), emb)], row_group_size=2)
+    return [v[0] for v in views]
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def ws(tmp_path_factory: pytest.TempPathFactory, test_params: Params) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("evaluate")
-    torch.manual_seed(0)
-    sam = freeze(build_tiny(IMG, GRID))
     base = tmp / "base"
-    base.mkdir()
-    torch.save(sam.state_dict(), base / "sam.pt")
-    (base / "base.json").write_text(json.dumps({"variant": "tiny", "checkpoint_sha256": sha256_file(base / "sam.pt"),
-                                                "img_size": IMG, "grid": GRID, "channels": C}))
-    views = write_cache(tmp / "emb", sha256_file(base / "sam.pt"))
+    sam, sha = write_tiny_base(base, img=IMG, grid=GRID)
+    views = write_eval_cache(tmp / "emb", sha)
 
     # A folder benchmark (images + masks) and a COCO benchmark, both tiny.
     folder = tmp / "mine"
@@ -107,13 +87,13 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
     Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(folder / "im" / "orphan.png")  # no mask: skipped
 
-    params = replace(load_params(PROJECT_ROOT / "params.yaml"), **{
+    params = replace(test_params, **{
         "evaluate.device": "cpu",
         "evaluate.flush_every": 2,
         "evaluate.batch_size": 4,  # forces several decoder chunks per prompt group
         "prompts.eval_draws": DRAWS,
         "data.max_images_per_set": 0,
-        "evaluate.benchmarks": ["DIS5K-VD", "COIFT", "HRSOD", "ThinObject5K-TE", "mine", "toy", "toy_noisy", "toy_det"],
+        "evaluate.benchmarks": ["DIS5K-VD", "COIFT", "HRSOD", "ThinObject5K-TE"],
         "evaluate.folders": [{"name": "mine", "images": str(folder / "im"), "masks": str(folder / "gt"),
                               "mask_suffix": "_mask.png"}],
         "evaluate.coco": [

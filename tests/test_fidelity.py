@@ -2,21 +2,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-
 from PIL import Image
 
-from pipeline.config import load_params, replace
+from pipeline.config import Params, replace
 from pipeline.evaluation.fidelity import markdown_table, recovery_plot, variants
-from pipeline.evaluation.report import add_recovery
+from pipeline.evaluation.aggregate import add_recovery
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def test_budget_variants_use_steps_or_epochs():
-    p = load_params(PROJECT_ROOT / "params.yaml")
+def test_budget_variants_use_steps_or_epochs(test_params: Params):
+    p = test_params
     by_steps = {v.name: v for v in variants(replace(p, **{"train.max_steps": 300}))}
     assert by_steps["stable_sam 150 steps"].changes == {"train.max_steps": 150}
     assert by_steps["stable_sam 600 steps"].changes == {"train.max_steps": 600}
@@ -52,10 +47,10 @@ def test_recovery_plot_writes_a_png(tmp_path):
         assert im.format == "PNG" and im.size[0] > 200
 
 
-def test_cli_missing_embeddings_is_one_error_line(tmp_path, capsys):
+def test_cli_missing_embeddings_is_one_error_line(tmp_path, capsys, test_params_path):
     from stages.fidelity import main
 
-    code = main(["--params", str(PROJECT_ROOT / "params.yaml"), "--embeddings", str(tmp_path / "none"),
+    code = main(["--params", str(test_params_path), "--embeddings", str(tmp_path / "none"),
                  "--prompts", str(tmp_path / "none"), "--base", str(tmp_path / "none"),
                  "--work", str(tmp_path / "work"), "--out", str(tmp_path / "f.json")])
     err = capsys.readouterr().err.strip().splitlines()
@@ -63,7 +58,7 @@ def test_cli_missing_embeddings_is_one_error_line(tmp_path, capsys):
     assert not (tmp_path / "f.json").exists()
 
 
-def test_dsp_offset_stats_see_identity_and_saturated_samplers(tmp_path):
+def test_dsp_offset_stats_see_identity_and_saturated_samplers(tmp_path, test_params: Params):
     """An untrained DSP moves nothing; one whose offset head is large sits at its tanh bound."""
     import torch
 
@@ -72,7 +67,7 @@ def test_dsp_offset_stats_see_identity_and_saturated_samplers(tmp_path):
     from pipeline.modeling.dsp import DeformableSampling
     from tests.fakes import write_tiny_base, write_trained_plugin
 
-    p = load_params(PROJECT_ROOT / "params.yaml")
+    p = test_params
     sam, sha = write_tiny_base(tmp_path / "base", img=64, grid=16)
     write_trained_plugin(tmp_path / "untrained.pt", "stable_sam", sam, p.plugin, sha, scale=0.0)
     pred = Predictor.from_pretrained(tmp_path / "base", method="stable_sam", plugin=tmp_path / "untrained.pt",
@@ -90,11 +85,11 @@ def test_dsp_offset_stats_see_identity_and_saturated_samplers(tmp_path):
     assert dsp_offsets_on(Predictor.from_pretrained(tmp_path / "base", method="sam", device="cpu"), views) == {}
 
 
-def test_study_resumes_per_variant(monkeypatch, tmp_path):
+def test_study_resumes_per_variant(monkeypatch, tmp_path, test_params: Params):
     """A second run reuses finished rows (no retraining) and fills in what older rows lack."""
     import pipeline.evaluation.fidelity as fid
 
-    p = load_params(PROJECT_ROOT / "params.yaml")
+    p = test_params
     trained: list[str] = []
 
     def fake_variant(params, v, **kw):

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from pipeline.flows.commands import (
     DEFAULT_REPRO, dvc_stages, exp_command, select_stages, stage_command, stream_command,
 )
 from pipeline.flows.locking import LockTimeout, lock_path, workspace_lock
+from tests.fakes import TEST_PARAMS_PATH, free_port
 
 PY = sys.executable
 # A fake stage: prints lines (one via stderr, one as a tqdm-like \r progress), records its time window.
@@ -42,9 +42,9 @@ FAKE_REPRO = [PY, "-c", FAKE_STAGE, "{stage}"]
 
 
 def make_workspace(root: Path, stages=("prepare", "train")) -> Path:
-    """A folder with a valid params.yaml and a dvc.yaml listing ``stages``; returns the params path."""
+    """A folder with a valid params.yaml (the test profile) and a dvc.yaml listing ``stages``; returns the params path."""
     root.mkdir(parents=True, exist_ok=True)
-    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params = yaml.safe_load(TEST_PARAMS_PATH.read_text())
     params["tracking"]["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
     params["schedule"]["retry_delay_s"] = 0.0
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -263,13 +263,55 @@ def test_retrain_with_overrides_runs_dvc_exp(prefect_api, tmp_path):
     assert 'exp argv -S train.lr=0.0003 -S train.methods=["stable_sam"]' in messages
 
 
+def test_a_bad_override_fails_at_once_and_leaves_the_workspace_as_it_was(prefect_api, tmp_path):
+    """``train.lr=abc`` is refused by the config before any command runs; params.yaml is untouched and the
+    next plain run succeeds."""
+    from pipeline.flows.dvc_flows import pipeline_flow, retrain_flow
+
+    params = make_workspace(tmp_path)
+    before = params.read_bytes()
+    ran = tmp_path / "exp-ran"
+    fake_exp = [PY, "-c", f"open({str(ran)!r}, 'w').write('ran')"]
+    state = retrain_flow(str(params), overrides={"train.lr": "abc"}, promote=False, exp_command_prefix=fake_exp,
+                         return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match=r"train\.lr"):
+        state.result()
+    assert not ran.exists() and params.read_bytes() == before
+    assert pipeline_flow(str(params), repro_command=FAKE_REPRO) == ["prepare", "train"]
+
+
+def test_an_override_run_that_fails_cannot_leave_its_values_in_params(prefect_api, tmp_path):
+    """Whatever the experiment command does to params.yaml (here: writes the override into it, then fails),
+    the file is restored byte for byte; the command gets the workspace's MLflow URI."""
+    from pipeline.flows.commands import DEFAULT_EXP
+    from pipeline.flows.dvc_flows import retrain_flow
+
+    params = make_workspace(tmp_path)
+    before = params.read_bytes()
+    seen = tmp_path / "env.txt"
+    poison = (f"import os, sys; open({str(seen)!r}, 'w').write(os.environ.get('MLFLOW_TRACKING_URI', ''));"
+              f"open({str(params)!r}, 'a').write('poison: 1\\n'); sys.exit(3)")
+    state = retrain_flow(str(params), overrides={"train.lr": "3e-4"}, promote=False,
+                         exp_command_prefix=[PY, "-c", poison], return_state=True)
+    assert state.is_failed()
+    assert params.read_bytes() == before
+    assert seen.read_text() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert "--temp" in DEFAULT_EXP  # the real command runs in DVC's temporary folder, not the workspace
+
+
+def test_overrides_are_parsed_as_dvc_reads_them(tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.flows.dvc_flows import parse_override, validated_overrides
+
+    assert parse_override("3e-4") == 3e-4 and parse_override("[1, 2]") == [1, 2] and parse_override(5) == 5
+    params = make_workspace(tmp_path)
+    assert validated_overrides(params, {"train.lr": "3e-4"}) == {"train.lr": 3e-4}
+    with pytest.raises(ConfigError, match="train"):
+        validated_overrides(params, {"train.no_such_key": 1})
+
+
 # --- slow: a real server, the served cron deployment, a triggered run --------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
     import urllib.request
 
@@ -301,7 +343,7 @@ def test_served_cron_deployment_runs_on_a_real_server(tmp_path):
     """prefect server (127.0.0.1, random port) + `serve` of the retrain deployment (cron from params) with a
     fake pipeline + promotion against an empty MLflow store; trigger it and see it complete."""
     params = make_workspace(tmp_path / "ws")
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(PROJECT_ROOT),
@@ -330,7 +372,8 @@ def test_served_cron_deployment_runs_on_a_real_server(tmp_path):
             assert served.poll() is None, "serve process died"
             assert time.monotonic() < deadline, out.stdout + out.stderr
             time.sleep(2)
-        assert "0 3 * * 1" in out.stdout and "UTC" in out.stdout  # cron + timezone from params.yaml
+        schedule = yaml.safe_load(params.read_text())["schedule"]
+        assert schedule["cron"] in out.stdout and schedule["timezone"] in out.stdout  # cron + timezone from params
         run = subprocess.run([prefect, "deployment", "run", "retrain/test", "--watch", "--watch-timeout", "240"],
                              env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stdout + run.stderr

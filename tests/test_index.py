@@ -9,16 +9,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from PIL import Image
 
-from pipeline.config import Params, load_params, replace
+from pipeline.config import Params, replace
 from pipeline.data import images as images_mod
 from pipeline.data import index as index_mod
+from pipeline.data import pairs as pairs_mod
 from pipeline.data.index import IndexBuildError, build_index, read_index, write_index
 from pipeline.data.layout import get_set
+from tests.fakes import image_bytes, load_test_params, png_bytes, put_file, rect_mask, write_test_params
 
-PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 W, H = 40, 32
 DIS, FSS, COIFT = get_set("DIS5K-TR"), get_set("FSS"), get_set("COIFT")
 
@@ -27,33 +27,7 @@ def _params(**extra: object) -> Params:
     over = {"data.train_sets": ["DIS5K-TR", "FSS"], "data.eval_sets": ["COIFT"], "data.max_images_per_set": 0,
             "index.mask_threshold": 128, "index.min_mask_pixels": 16}
     over.update(extra)
-    return replace(load_params(PARAMS), **over)
-
-
-def _png(arr: np.ndarray) -> bytes:
-    """PNG bytes; PIL picks the mode from the array (uint8 HxW: L, HxWx4: RGBA, uint16: I;16)."""
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _img(mode: str = "RGB", fmt: str = "JPEG", w: int = W, h: int = H, seed: int = 0) -> bytes:
-    rgb = np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(rgb).convert(mode).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def _rect(w: int = W, h: int = H) -> np.ndarray:
-    """The known mask: rows 5..14, cols 10..29 -> area 200, box [10, 5, 29, 14]."""
-    m = np.zeros((h, w), np.uint8)
-    m[5:15, 10:30] = 255
-    return m
-
-
-def _put(root: Path, rel_dir: str, name: str, data: bytes) -> None:
-    (root / rel_dir).mkdir(parents=True, exist_ok=True)
-    (root / rel_dir / name).write_bytes(data)
+    return load_test_params(**over)
 
 
 @pytest.fixture()
@@ -61,54 +35,54 @@ def tree(tmp_path: Path) -> Path:
     """DIS5K-TR (separate folders) with every defect, FSS (side by side) and COIFT (eval)."""
     root = tmp_path / "hqseg44k"
     im, gt = DIS.image_dir, DIS.mask_dir
-    _put(root, im, "good.jpg", _img())
-    _put(root, gt, "good.png", _png(_rect()))
-    _put(root, im, "corrupt.jpg", np.random.default_rng(1).bytes(500))
-    _put(root, gt, "corrupt.png", _png(_rect()))
+    put_file(root, im, "good.jpg", image_bytes())
+    put_file(root, gt, "good.png", png_bytes(rect_mask()))
+    put_file(root, im, "corrupt.jpg", np.random.default_rng(1).bytes(500))
+    put_file(root, gt, "corrupt.png", png_bytes(rect_mask()))
     noisy = np.where(np.random.default_rng(2).random((H, W)) > 0.5, 255, 0).astype(np.uint8)
-    full = _png(noisy)
-    _put(root, im, "truncated.jpg", _img())
-    _put(root, gt, "truncated.png", full[: len(full) // 2])
-    _put(root, im, "size.jpg", _img())
-    _put(root, gt, "size.png", _png(_rect(w=30)))
-    _put(root, im, "empty.jpg", _img())
-    _put(root, gt, "empty.png", _png(np.full((H, W), 128, np.uint8)))  # 128 is not > 128
+    full = png_bytes(noisy)
+    put_file(root, im, "truncated.jpg", image_bytes())
+    put_file(root, gt, "truncated.png", full[: len(full) // 2])
+    put_file(root, im, "size.jpg", image_bytes())
+    put_file(root, gt, "size.png", png_bytes(rect_mask(w=30)))
+    put_file(root, im, "empty.jpg", image_bytes())
+    put_file(root, gt, "empty.png", png_bytes(np.full((H, W), 128, np.uint8)))  # 128 is not > 128
     rgba = np.zeros((H, W, 4), np.uint8)
     rgba[..., :3] = 255  # constant colour: the shape is in alpha
-    rgba[..., 3] = _rect()
-    _put(root, im, "rgba.jpg", _img())
-    _put(root, gt, "rgba.png", _png(rgba))
+    rgba[..., 3] = rect_mask()
+    put_file(root, im, "rgba.jpg", image_bytes())
+    put_file(root, gt, "rgba.png", png_bytes(rgba))
     sixteen = np.zeros((H, W), np.uint16)
     sixteen[5:15, 10:30] = 40000  # /257 = 155.6 > 128: foreground
     sixteen[20:30, 0:40] = 30000  # /257 = 116.7: background (raw value is > 128!)
-    _put(root, im, "sixteen.jpg", _img())
-    _put(root, gt, "sixteen.png", _png(sixteen))
-    pal = Image.frombytes("P", (W, H), np.where(_rect() > 0, 1, 2).astype(np.uint8).tobytes())
+    put_file(root, im, "sixteen.jpg", image_bytes())
+    put_file(root, gt, "sixteen.png", png_bytes(sixteen))
+    pal = Image.frombytes("P", (W, H), np.where(rect_mask() > 0, 1, 2).astype(np.uint8).tobytes())
     pal.putpalette([0, 0, 0, 255, 255, 255, 10, 10, 10] + [0] * 759)  # index 1 = white, 2 = near black
     buf = io.BytesIO()
     pal.save(buf, format="PNG")
-    _put(root, im, "palette.jpg", _img())
-    _put(root, gt, "palette.png", buf.getvalue())
-    _put(root, im, "gray.jpg", _img("L"))
-    _put(root, gt, "gray.png", _png(_rect()))
-    _put(root, im, "cmyk.jpg", _img("CMYK"))
-    _put(root, gt, "cmyk.png", _png(_rect()))
-    _put(root, im, "pngimage.png", _img(fmt="PNG"))
-    _put(root, gt, "pngimage.png", _png(_rect()))
-    _put(root, im, "nomask.jpg", _img())
-    _put(root, gt, "orphan.png", _png(_rect()))
-    _put(root, im, "readme.txt", b"hello")
-    _put(root, gt, "Thumbs.db", b"\0\0")
+    put_file(root, im, "palette.jpg", image_bytes())
+    put_file(root, gt, "palette.png", buf.getvalue())
+    put_file(root, im, "gray.jpg", image_bytes("L"))
+    put_file(root, gt, "gray.png", png_bytes(rect_mask()))
+    put_file(root, im, "cmyk.jpg", image_bytes("CMYK"))
+    put_file(root, gt, "cmyk.png", png_bytes(rect_mask()))
+    put_file(root, im, "pngimage.png", image_bytes(fmt="PNG"))
+    put_file(root, gt, "pngimage.png", png_bytes(rect_mask()))
+    put_file(root, im, "nomask.jpg", image_bytes())
+    put_file(root, gt, "orphan.png", png_bytes(rect_mask()))
+    put_file(root, im, "readme.txt", b"hello")
+    put_file(root, gt, "Thumbs.db", b"\0\0")
 
-    _put(root, FSS.image_dir, "a.jpg", _img())
-    _put(root, FSS.image_dir, "a.png", _png(_rect()))
-    _put(root, FSS.image_dir, "b.jpeg", _img())
-    _put(root, FSS.image_dir, "b.png", _png(_rect()))
-    _put(root, FSS.image_dir, "c.png", _png(_rect()))  # in a side-by-side set a lone .png is a mask
-    _put(root, FSS.image_dir, ".DS_Store", b"\0")
+    put_file(root, FSS.image_dir, "a.jpg", image_bytes())
+    put_file(root, FSS.image_dir, "a.png", png_bytes(rect_mask()))
+    put_file(root, FSS.image_dir, "b.jpeg", image_bytes())
+    put_file(root, FSS.image_dir, "b.png", png_bytes(rect_mask()))
+    put_file(root, FSS.image_dir, "c.png", png_bytes(rect_mask()))  # in a side-by-side set a lone .png is a mask
+    put_file(root, FSS.image_dir, ".DS_Store", b"\0")
 
-    _put(root, COIFT.image_dir, "x.jpg", _img())
-    _put(root, COIFT.mask_dir, "x.png", _png(_rect()))
+    put_file(root, COIFT.image_dir, "x.jpg", image_bytes())
+    put_file(root, COIFT.mask_dir, "x.png", png_bytes(rect_mask()))
     return root
 
 
@@ -226,8 +200,7 @@ def test_journal_resume_skips_validated_pairs(tree: Path, tmp_path: Path, monkey
 def test_cli(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from stages import index as stage
 
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(_params().to_dict()))
+    params_file = write_test_params(tmp_path / "params.yaml", _params())
     out, metrics = tmp_path / "out" / "index", tmp_path / "metrics.json"
     rc = stage.main(["--params", str(params_file), "--root", str(tree), "--out", str(out),
                      "--metrics", str(metrics), "--quiet"])
@@ -242,7 +215,7 @@ def test_cli(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 # ---- pipeline.data.images -------------------------------------------------------------------------
 def test_load_mask_modes(tmp_path: Path) -> None:
-    rect = _rect() > 0
+    rect = rect_mask() > 0
     one = tmp_path / "one.png"
     Image.fromarray(rect).convert("1").save(one)
     assert Image.open(one).mode == "1" and (images_mod.load_mask(one, 128) == rect).all()
@@ -262,19 +235,19 @@ def test_load_mask_modes(tmp_path: Path) -> None:
 def test_load_image_is_uint8_rgb_and_names_bad_file(tmp_path: Path) -> None:
     for mode in ("L", "RGBA", "P", "CMYK"):
         p = tmp_path / f"{mode}.{'jpg' if mode in ('L', 'CMYK') else 'png'}"
-        p.write_bytes(_img(mode, "JPEG" if mode in ("L", "CMYK") else "PNG"))
+        p.write_bytes(image_bytes(mode, "JPEG" if mode in ("L", "CMYK") else "PNG"))
         img = images_mod.load_image(p)
         assert img.dtype == np.uint8 and img.shape == (H, W, 3), mode
     bad = tmp_path / "bad.jpg"
-    bad.write_bytes(_img()[:200])
+    bad.write_bytes(image_bytes()[:200])
     with pytest.raises(images_mod.DecodeError, match="bad.jpg"):
         images_mod.load_image(bad)
 
 
 # ---- with the embedded generator (another module; skipped if it is not there) --------------------
-def test_planted_defects_of_the_generator_are_quarantined(tmp_path: Path) -> None:
+def test_planted_defects_of_the_generator_are_quarantined(tmp_path: Path, test_params: Params) -> None:
     synthetic = pytest.importorskip("pipeline.data.synthetic")
-    cfg = replace(load_params(PARAMS), **{"generate.train_images_per_set": 1, "generate.eval_images_per_set": 1,
+    cfg = replace(test_params, **{"generate.train_images_per_set": 1, "generate.eval_images_per_set": 1,
                                           "generate.min_side": 64, "generate.max_side": 80,
                                           "generate.inject_defects": True})
     summary = synthetic.generate_dataset(tmp_path / "root", cfg.generate)
@@ -286,7 +259,7 @@ def test_planted_defects_of_the_generator_are_quarantined(tmp_path: Path) -> Non
 
 
 def test_duplicate_image_stems_are_quarantined(tree: Path) -> None:
-    _put(tree, DIS.image_dir, "good.jpeg", _img(seed=3))
+    put_file(tree, DIS.image_dir, "good.jpeg", image_bytes(seed=3))
     result = build_index(tree, _params(), progress=False)
     assert "DIS5K-TR/good" not in {r.sample_id for r in result.rows}
     dup = {q.path for q in result.quarantine if "duplicate image" in q.reason or "ambiguous" in q.reason}
@@ -299,9 +272,9 @@ def test_pipes_devices_and_huge_files_are_quarantined_not_read(tree: Path, tmp_p
     import os
 
     os.mkfifo(tree / DIS.image_dir / "pipe.jpg")
-    _put(tree, DIS.mask_dir, "pipe.png", _png(_rect()))
+    put_file(tree, DIS.mask_dir, "pipe.png", png_bytes(rect_mask()))
     os.symlink("/dev/zero", tree / DIS.image_dir / "zero.jpg")
-    _put(tree, DIS.mask_dir, "zero.png", _png(_rect()))
+    put_file(tree, DIS.mask_dir, "zero.png", png_bytes(rect_mask()))
     result = build_index(tree, _params(), progress=False)
     got = {q.path: q.reason for q in result.quarantine}
     assert "named pipe" in got[f"{DIS.image_dir}/pipe.jpg"]
@@ -309,12 +282,12 @@ def test_pipes_devices_and_huge_files_are_quarantined_not_read(tree: Path, tmp_p
     big = tmp_path / "big.bin"
     big.write_bytes(b"0" * 2048)
     with pytest.raises(OSError, match="more than the 1024"):
-        index_mod.read_regular_file(big, max_bytes=1024)
+        pairs_mod.read_regular_file(big, max_bytes=1024)
 
 
 def test_quarantine_reasons_are_the_same_on_every_run(tree: Path) -> None:
-    _put(tree, DIS.image_dir, "junk.jpg", b"definitely not an image")
-    _put(tree, DIS.mask_dir, "junk.png", _png(_rect()))
+    put_file(tree, DIS.image_dir, "junk.jpg", b"definitely not an image")
+    put_file(tree, DIS.mask_dir, "junk.png", png_bytes(rect_mask()))
     reasons = [{q.path: q.reason for q in build_index(tree, _params(), progress=False).quarantine} for _ in range(2)]
     assert reasons[0] == reasons[1]
     junk = reasons[0][f"{DIS.image_dir}/junk.jpg"]

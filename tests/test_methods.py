@@ -1,4 +1,4 @@
-"""The method registry (SPEC §2.5-2.6): equivalence with vanilla SAM, frozen SAM, budgets, checkpoints.
+"""The method registry (docs/METHOD.md §2.5-2.6): equivalence with vanilla SAM, frozen SAM, budgets, checkpoints.
 
     OMP_NUM_THREADS=1 .venv/bin/pytest tests/test_methods.py -q
 """
@@ -9,11 +9,10 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from pipeline.config import PluginConfig
 from pipeline.modeling.methods import METHODS, PromptableDecoder, PromptBatch, build_method
-from tests.test_plugins import C, make_sam
+from tests.fakes import C, make_sam
 
 PLUGIN = PluginConfig(dsp_offset_range=4.0, dsp_resample_pe=False, drp_hidden=16, drp_token_index=1,
                       drp_norm="softmax", drp_init_alpha1=0.5)
@@ -197,7 +196,7 @@ def test_trainable_parameter_counts():
     sam = make_sam()
     counts = {name: build_method(name, sam, PLUGIN).num_trainable for name in METHODS}
     print("trainable parameters at C=256:", counts)
-    assert 70_000 <= counts["stable_sam"] <= 90_000  # SPEC §2.4: "0.08 M"
+    assert 70_000 <= counts["stable_sam"] <= 90_000  # docs/METHOD.md §2.4: "0.08 M"
     assert counts["stable_sam"] == 73_472 + 4_178
     assert counts["dsp"] == 73_472
     assert counts["sam"] == 0

@@ -1,4 +1,4 @@
-"""DSP, DRP, the patched layer-2 block and the batched decoder (SPEC §2.1-2.5), on a tiny random SAM.
+"""DSP, DRP, the patched layer-2 block and the batched decoder (docs/METHOD.md §2.1-2.5), on a tiny random SAM.
 
     OMP_NUM_THREADS=1 .venv/bin/pytest tests/test_plugins.py -q
 """
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling import Sam
 from torch import nn
 
 from pipeline.modeling.decoder import decode, decode_with_alpha
@@ -14,33 +14,7 @@ from pipeline.modeling.drp import DynamicRouting
 from pipeline.modeling.dsp import DeformableSampling, base_grid, map_to_seq, sample, seq_to_map
 from pipeline.modeling.patched_transformer import PatchedAttentionBlock, PatchedTwoWayTransformer
 from pipeline.modeling.spatial_attention import SpatialAttention
-
-C = 256
-
-
-class DummyEncoder(nn.Module):
-    """Stands in for the image encoder: only ``img_size`` is used downstream."""
-
-    def __init__(self, img_size: int) -> None:
-        super().__init__()
-        self.img_size = img_size
-
-
-def make_sam(grid: int = 8, seed: int = 0) -> Sam:
-    """SAM's standard C=256 prompt encoder + decoder over a ``grid``x``grid`` embedding, random init."""
-    torch.manual_seed(seed)
-    img = 16 * grid
-    sam = Sam(
-        image_encoder=DummyEncoder(img),  # type: ignore[arg-type]
-        prompt_encoder=PromptEncoder(embed_dim=C, image_embedding_size=(grid, grid),
-                                     input_image_size=(img, img), mask_in_chans=16),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=C, mlp_dim=2048, num_heads=8),
-            transformer_dim=C, iou_head_depth=3, iou_head_hidden_dim=256,
-        ),
-    )
-    return sam.eval()
+from tests.fakes import C, make_sam
 
 
 def _randomise(module: nn.Module, std: float = 0.05) -> None:
@@ -61,7 +35,7 @@ def test_untrained_dsp_returns_its_input(hw):
 
 
 def test_dsp_parameter_count_matches_spec():
-    # SPEC §2.4: 65,792 + 6,656 + 512 + 512
+    # docs/METHOD.md §2.4: 65,792 + 6,656 + 512 + 512
     assert DeformableSampling(channels=C).num_parameters() == 73_472
 
 

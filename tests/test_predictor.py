@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import load_params
+from pipeline.config import Params
 from pipeline.inference.predictor import Predictor
 from pipeline.inference.prompts import Prompt, collate, group_by_signature
 from pipeline.modeling.backbones import build_sam
@@ -24,9 +23,9 @@ IMG, GRID = 64, 16
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def ws(tmp_path_factory: pytest.TempPathFactory, test_params: Params) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("predictor")
-    params = load_params("params.yaml")
+    params = test_params
     sam, sha = write_tiny_base(tmp / "base", img=IMG, grid=GRID)
     write_trained_plugin(tmp / "stable_sam.pt", "stable_sam", sam, params.plugin, sha)
     rng = np.random.default_rng(0)

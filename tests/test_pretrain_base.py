@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
-from pipeline.config import load_params, replace
+from pipeline.common.cli import StageError
+from pipeline.config import replace
 from pipeline.modeling.backbones import build_sam
 from pipeline.training.pretrain_base import box_prompts, mask_prompts, point_prompts, pretrain
+from tests.fakes import load_test_params
 
 
 def _cfg(steps: int):
-    params = replace(load_params("params.yaml"), **{
+    params = replace(load_test_params(), **{
         "base_pretrain.img_size": 64, "base_pretrain.grid": 8, "base_pretrain.steps": steps,
         "base_pretrain.batch_size": 2, "base_pretrain.images": 4, "generate.min_side": 64, "generate.max_side": 96,
         "base_pretrain.mask_prompt_p": 0.3,
@@ -31,6 +34,14 @@ def test_pretrain_is_deterministic_and_resumable(tmp_path):
     assert set(straight["holdout_miou_lowres"]) == {"gt_box", "noisy_box", "point_1", "point_3"}
     sam = build_sam("tiny", tmp_path / "a.pt", img_size=64, grid=8)  # strict load into the registry's tiny SAM
     assert sam.prompt_encoder.image_embedding_size == (8, 8)
+
+
+def test_a_corrupt_resume_state_is_a_clear_error_not_a_traceback(tmp_path):
+    """Resuming from a random-bytes state file names the file and the fix (a StageError: exit 2 in the CLI)."""
+    cfg, gen, prompts = _cfg(2)
+    (tmp_path / "c.train-state.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(StageError, match=r"c\.train-state\.pt: unreadable pre-training state .*delete it"):
+        pretrain(cfg, gen, prompts, tmp_path / "c.pt", resume=True, holdout=2, log_every=1, eval_every=3)
 
 
 def test_prompt_helpers_stay_inside_the_mask():

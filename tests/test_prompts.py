@@ -4,18 +4,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.config import load_params, replace
+from pipeline.config import Params, replace
 from pipeline.prompts.boxes import box_iou, jitter_box, mask_to_box, noisy_box
 from pipeline.prompts.coarse import coarse_mask, coarse_mask_logits, incoherent_band
 from pipeline.prompts.distance import squared_edt
 from pipeline.prompts.points import foreground_index, oracle_point, sample_positive_points
 from pipeline.prompts.seeding import rng_for
 from pipeline.prompts.synthesis import ModelFrame, SynthesisStats, eval_prompts, train_prompts
+from tests.fakes import write_fake_cache
 
 
 @pytest.fixture(scope="module")
-def params():
-    return load_params("params.yaml")
+def params(test_params: Params) -> Params:
+    """The test profile."""
+    return test_params
 
 
 def _blob(h: int = 40, w: int = 60) -> np.ndarray:
@@ -180,46 +182,7 @@ def test_eval_prompts_cover_every_type(params):
 
 
 # ------------------------------------------------------------------------------------- the stage
-def write_fake_cache(root, checkpoint_sha256: str, *, img: int = 64, grid: int = 8, n_train: int = 10,
-                     n_eval: int = 3, empty_views: tuple[str, ...] = (), seed: int = 0) -> dict[str, list[str]]:
-    """A tiny embedding cache (two train shards of one dataset, one eval shard) written with the cache
-    module's own writer and CACHE.json; random fp16 embeddings, ellipse GT masks of varied sizes."""
-    import json
-
-    from pipeline.data import rle
-    from pipeline.data.embeddings import CACHE_FILE, SCALAR_COLUMNS, CacheMeta, shard_path, write_shard
-    from pipeline.modeling.transforms import input_size
-
-    rng = np.random.default_rng(seed)
-    meta = CacheMeta(variant="tiny", checkpoint_sha256=checkpoint_sha256, img_size=img, grid=grid, channels=256)
-    shards, ids = [], {"train": [], "eval": []}
-    plan = [("DUTS-TR", "train", 0, range(0, n_train // 2)), ("DUTS-TR", "train", 1, range(n_train // 2, n_train)),
-            ("COIFT", "eval", 0, range(n_eval))]
-    for dataset, split, index, ks in plan:
-        cols: dict[str, list] = {k: [] for k in SCALAR_COLUMNS}
-        for k in ks:
-            h, w = int(rng.integers(30, 70)), int(rng.integers(30, 70))
-            yy, xx = np.mgrid[:h, :w]
-            m = ((yy - h * rng.uniform(0.4, 0.6)) / (h * 0.3)) ** 2 + ((xx - w * rng.uniform(0.4, 0.6)) / (w * 0.25)) ** 2 < 1
-            view = f"{dataset}/im{k}#0"
-            if view in empty_views:
-                m[:] = False
-            in_h, in_w = input_size((h, w), img, "sam")
-            for key, val in zip(SCALAR_COLUMNS, (view, view[:-2], dataset, split, h, w, in_h, in_w, rle.encode(m))):
-                cols[key].append(val)
-            ids[split].append(view)
-        emb = (rng.standard_normal((len(ks), 256, grid, grid)) * 0.5).astype(np.float16)
-        path = shard_path(root, dataset, split, index)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        extra = {"dataset": dataset, "split": split, "shard": index, "rows": len(ks), "views_sha256": "0" * 64}
-        size = write_shard(path, cols, emb, meta, extra, row_group_size=2)
-        shards.append({"path": str(path.relative_to(root)), "dataset": dataset, "split": split, "rows": len(ks),
-                       "views_sha256": "0" * 64, "bytes": size})
-    (root / CACHE_FILE).write_text(json.dumps({**meta.as_dict(), "shards": shards}))
-    return ids
-
-
-def test_prompts_stage_tables_quarantine_and_resume(params, tmp_path, monkeypatch, capsys):
+def test_prompts_stage_tables_quarantine_and_resume(params, tmp_path, monkeypatch, capsys, test_params_path):
     import pyarrow.parquet as pq
 
     from pipeline.data import rle
@@ -270,5 +233,5 @@ def test_prompts_stage_tables_quarantine_and_resume(params, tmp_path, monkeypatc
 
     monkeypatch.setattr(stage_mod, "_process_shard", real)
     # A missing cache is a user error: one line naming the file, exit code 2, no traceback.
-    assert main(["--params", "params.yaml", "--embeddings", str(tmp_path / "nothing"), "--out", str(tmp_path / "c")]) == 2
+    assert main(["--params", str(test_params_path), "--embeddings", str(tmp_path / "nothing"), "--out", str(tmp_path / "c")]) == 2
     assert "CACHE.json" in capsys.readouterr().err

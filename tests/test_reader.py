@@ -8,15 +8,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import pipeline.data.embeddings as E
-from pipeline.data.embeddings import (
-    CacheMeta,
-    EmbeddingDataset,
-    IncompleteCacheError,
-    iter_views,
-    load_embedding_rows,
-    write_synthetic_cache,
-)
+import pipeline.data.embedding_reader as E
+from pipeline.data.embedding_reader import EmbeddingDataset, iter_views, load_embedding_rows
+from pipeline.data.embedding_format import CacheMeta, IncompleteCacheError, locate_embeddings
+from tests.fakes import write_synthetic_cache
 
 META = CacheMeta(variant="tiny", checkpoint_sha256="ab" * 32, img_size=32, grid=2, channels=4)
 ROWS = {("A", "train"): 37, ("B", "train"): 20, ("C", "eval"): 9}
@@ -133,4 +128,4 @@ def test_zero_copy_path_matches_parquet_decoding(cache: Path) -> None:
 
     first = cache / meta["shards"][0]["path"]
     pq.write_table(pq.read_table(first), first, compression="zstd", row_group_size=3)
-    assert E.locate_embeddings(first, META) == [None] * 4
+    assert locate_embeddings(first, META) == [None] * 4

@@ -10,14 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import PROJECT_ROOT
-from pipeline.config import load_params, replace
+from pipeline.config import Params, replace
 from pipeline.data import rle
 from pipeline.evaluation import paper_numbers as paper
-from pipeline.evaluation.report import (
-    HQ_MEAN, GalleryInputs, ReportError, build_report, coco_key, gallery_rows, hq_benchmarks, read_method_json,
-    select_gallery_views,
-)
+from pipeline.evaluation.aggregate import HQ_MEAN, ReportError, coco_key, hq_benchmarks, read_method_json
+from pipeline.evaluation.gallery import GalleryInputs, gallery_rows, select_gallery_views
+from pipeline.evaluation.report import build_report
+from tests.fakes import load_test_params
 
 HQ_PROMPTS = ("gt_box", "noisy_box", "point_1", "point_3", "point_5", "point_10", "point_20")
 IMAGE_SETS = {"DIS5K-VD": "DIS5K/DIS-VD", "COIFT": "thin_object_detection/COIFT"}
@@ -28,7 +27,7 @@ def _params(**overrides):
     base = {"evaluate.methods": ["sam", "stable_sam"], "evaluate.gallery_images": 2, "evaluate.coco": [],
             "evaluate.folders": [], "evaluate.benchmarks": ["DIS5K-VD", "COIFT", "HRSOD", "ThinObject5K-TE"]}
     base.update(overrides)
-    return replace(load_params(PROJECT_ROOT / "params.yaml"), **base)
+    return load_test_params(**base)
 
 
 def _method_json(rng: np.random.Generator, with_alpha: bool) -> dict:
@@ -187,7 +186,7 @@ def test_no_alpha_with_coco(workspace):
     coco = [{"name": "val_tiny", "images": "x", "annotations": "y.json", "box_source": "gt", "detections": ""}]
     (t / "plots" / "eval").mkdir(parents=True)
     (t / "plots" / "eval" / "alpha1_vs_points.png").write_bytes(b"stale")
-    benchmarks = ["DIS5K-VD", "COIFT", "HRSOD", "ThinObject5K-TE", "val_tiny"]
+    benchmarks = ["DIS5K-VD", "COIFT", "HRSOD", "ThinObject5K-TE"]
     res = _run(workspace, _params(**{"evaluate.coco": coco, "evaluate.benchmarks": benchmarks}), predictions_dir=t / "nowhere")
     ev = json.loads(res.metrics_path.read_text())
     assert ev["coco_val_tiny"]["stable_sam"]["gt_box"]["map"] == 45.0 and "coco_val_tiny" not in ev[HQ_MEAN]
@@ -216,14 +215,14 @@ def test_alpha_in_percent_is_rescaled(tmp_path):
     assert data["point_1"]["alpha1"] == pytest.approx(0.614) and "st" not in data["point_3"]
 
 
-def test_cli(workspace):
+def test_cli(workspace, test_params_path):
     from stages.report import main
 
     t = workspace["tmp"]
-    rc = main(["--params", str(PROJECT_ROOT / "params.yaml"), "--eval-dir", str(workspace["eval_dir"]),
+    rc = main(["--params", str(test_params_path), "--eval-dir", str(workspace["eval_dir"]),
                "--metrics", str(t / "m" / "eval.json"), "--plots", str(t / "pl"), "--report", str(t / "r" / "s.md")])
     assert rc == 0 and (t / "m" / "headline.json").is_file() and (t / "r" / "s.md").is_file()
-    assert main(["--params", str(PROJECT_ROOT / "params.yaml"), "--eval-dir", str(t / "none"), "--metrics",
+    assert main(["--params", str(test_params_path), "--eval-dir", str(t / "none"), "--metrics",
                  str(t / "x.json"), "--plots", str(t / "p2"), "--report", str(t / "s2.md")]) == 2
 
 
@@ -288,15 +287,14 @@ def test_seeds_aggregate_and_report(workspace, tmp_path):
     assert "0.60 ± 0.10" in res.report_md.read_text()
 
 
-def test_run_seeds_trains_each_extra_seed_under_its_own_seed(monkeypatch, tmp_path):
+def test_run_seeds_trains_each_extra_seed_under_its_own_seed(monkeypatch, tmp_path, test_params: Params):
     """The seeds stage retrains with seed s; params with ``seed = s`` must not reject s as a duplicate of
     ``seeds.extra`` (the bug a full `dvc repro` hit), and each run is scored and aggregated."""
     import pipeline.evaluation.evaluate as evaluate_mod
     import pipeline.training.train as train_mod
     from pipeline.evaluation.seeds import run_seeds
 
-    p = replace(load_params(PROJECT_ROOT / "params.yaml"), **{"seed": 0, "seeds.extra": [1, 2],
-                                                             "seeds.methods": ["stable_sam"]})
+    p = replace(test_params, **{"seed": 0, "seeds.extra": [1, 2], "seeds.methods": ["stable_sam"]})
     hq = hq_benchmarks(p)
     seen: list[int] = []
 

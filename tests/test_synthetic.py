@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import load_params, replace
+from pipeline.config import Params, replace
 from pipeline.data.layout import HQSEG_SETS
 from pipeline.data.synthetic import generate_dataset, generate_sample
 
 
 @pytest.fixture(scope="module")
-def small_cfg():
-    params = load_params("params.yaml")
+def small_cfg(test_params: Params):
+    params = test_params
     return replace(params, **{"generate.train_images_per_set": 2, "generate.eval_images_per_set": 2}).generate
 
 

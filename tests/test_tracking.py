@@ -21,14 +21,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import PROJECT_ROOT
-from pipeline.config import load_params, replace
 from pipeline.data import rle
 from pipeline.tracking.collect import (
     MAX_PARAM_CHARS, PipelineOutputs, TrackingInputError, dvc_out_hashes, flatten_params, numeric_leaves,
     read_loss_curve, safe_key,
 )
 from pipeline.tracking.promotion import decide
+from tests.fakes import free_port, load_test_params, write_tiny_base, write_trained_plugin
 
 from pipeline.tracking import mlflow_adapter  # noqa: E402
 from pipeline.tracking import compare  # noqa: E402
@@ -45,11 +44,9 @@ PROMPTS = ["gt_box", "noisy_box", "point_1"]
 @pytest.fixture(scope="module")
 def serving_files(tmp_path_factory) -> dict[str, Path]:
     """A tiny random base and a stable_sam plugin file: what the track stage logs as the MLflow model."""
-    from tests.fakes import write_tiny_base, write_trained_plugin
-
     tmp = tmp_path_factory.mktemp("serving")
     sam, sha = write_tiny_base(tmp / "base", img=64, grid=16)
-    write_trained_plugin(tmp / "stable_sam.pt", "stable_sam", sam, load_params(PROJECT_ROOT / "params.yaml").plugin, sha)
+    write_trained_plugin(tmp / "stable_sam.pt", "stable_sam", sam, load_test_params().plugin, sha)
     return {"base": tmp / "base", "plugin": tmp / "stable_sam.pt"}
 
 
@@ -82,7 +79,7 @@ def fake_params(tmp_path: Path, **changes):
     registered = f"reg-{uuid.uuid4().hex[:8]}"
     base = {"train.methods": METHODS, "tracking.registered_model": registered, "seeds.methods": []}
     base.update(changes)
-    return replace(load_params(PROJECT_ROOT / "params.yaml"), **base)
+    return load_test_params(**base)
 
 
 def make_outputs(root: Path, *, score: float = 80.0) -> PipelineOutputs:
@@ -376,14 +373,6 @@ def test_compare_runs_and_aliases(tracked, tmp_path):
 
 
 # --- the served model ------------------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_registered_model_serves_masks_over_http(store, tmp_path, serving_files):
     """models:/<name>@champion loads with mlflow.pyfunc and, under `mlflow models serve` on 127.0.0.1,
@@ -418,7 +407,7 @@ def test_registered_model_serves_masks_over_http(store, tmp_path, serving_files)
     assert local["mask_rle"][0] == rle.encode(masks[0])
     assert local["mask_rle"][1] != local["mask_rle"][0]
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MLFLOW_REGISTRY_URI": store,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # uvicorn
     mlflow_bin = str(Path(sys.executable).with_name("mlflow"))

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from typing import Any
 
 import pytest
 import torch
 
-from pipeline.common.hashing import sha256_file
-from pipeline.config import Params, load_params, replace
-from pipeline.data.embeddings import read_cache_meta
-from pipeline.modeling.backbones import build_tiny, freeze, load_base
+from pipeline.config import Params, replace
+from pipeline.data.embedding_format import read_cache_meta
+from pipeline.modeling.backbones import freeze, load_base
 from pipeline.modeling.methods import build_method
 from pipeline.prompts.stage import make_prompts, model_frame
 from pipeline.prompts.tables import load_train_prompts
@@ -23,26 +21,20 @@ from pipeline.training import ddp
 from pipeline.modeling.plugin_file import read_plugin_file
 from pipeline.training.checkpointing import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from pipeline.training.train import BatchStream, batch_loss, forward_samples, frozen_checksum, train
-from tests.test_prompts import write_fake_cache
+from tests.fakes import free_port, tiny_sam, write_fake_cache, write_tiny_base
 
 IMG, GRID = 64, 8
 SKIPPED = "DUTS-TR/im5#0"
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def ws(tmp_path_factory: pytest.TempPathFactory, test_params: Params) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("train")
-    torch.manual_seed(0)
-    sam = freeze(build_tiny(IMG, GRID))
     base = tmp / "base"
-    base.mkdir()
-    torch.save(sam.state_dict(), base / "sam.pt")
-    sha = sha256_file(base / "sam.pt")
-    (base / "base.json").write_text(json.dumps({"variant": "tiny", "checkpoint_sha256": sha, "img_size": IMG,
-                                                "grid": GRID, "channels": 256}))
+    _, sha = write_tiny_base(base, img=IMG, grid=GRID)
     # One view with an empty GT: the prompts stage quarantines it, training must skip it (counted).
     write_fake_cache(tmp / "emb", sha, img=IMG, grid=GRID, n_train=12, empty_views=(SKIPPED,))
-    params = replace(load_params("params.yaml"), **{
+    params = replace(test_params, **{
         "train.batch_size": 4, "train.max_steps": 4, "train.loss_points": 128, "train.checkpoint_every": 2,
         "train.device": "cpu", "train.shuffle_buffer": 4,
         "prompts.train_type_probs": {"gt_box": 1.0, "noisy_box": 1.0, "points": 1.0, "coarse_mask": 1.0},
@@ -62,6 +54,7 @@ def plugin(ws: dict[str, Any], tag: str, method: str = "stable_sam") -> dict[str
 
 
 def test_outputs_frozen_sam_and_plugin_only_weights(ws):
+    frozen_before = frozen_checksum(load_base(ws["base"])[0])  # the base model's weights, before training
     res = run(ws, "stable_sam", "a")
     assert res["steps"] == 4 and res["samples"] == 16 and res["trainable_params"] == 77650
     assert res["batches_per_epoch"] == 3 and res["skipped_samples_without_prompt"] == 1  # 4 steps: 1 + 1/3 epochs
@@ -88,19 +81,41 @@ def test_outputs_frozen_sam_and_plugin_only_weights(ws):
     # The plugin really moved away from its (identity) init, and SAM did not move at all.
     init = model.plugin_state_dict()
     assert any(not torch.equal(init[k], pl["state_dict"][k]) for k in init)
-    assert res["sam_frozen_sha256"] == frozen_checksum(sam)
+    assert res["sam_frozen_sha256"] == frozen_before == frozen_checksum(sam)  # SAM after training == before
     assert all(torch.equal(a, b) for a, b in zip(sam.state_dict().values(),
                                                    torch.load(ws["base"] / "sam.pt", weights_only=True).values()))
 
 
 def test_frozen_checksum_detects_a_change():
-    sam = freeze(build_tiny(IMG, GRID))
-    before = frozen_checksum(sam)
+    """Any moved frozen weight changes the checksum; an excluded (trainable) tensor may move freely."""
+    sam = freeze(tiny_sam(IMG, GRID))
+    token = sam.mask_decoder.iou_token.weight
+    before, before_rest = frozen_checksum(sam), frozen_checksum(sam, exclude=[token])
+    assert before_rest != before  # the excluded tensor is really left out
     with torch.no_grad():
-        sam.mask_decoder.iou_token.weight[0, 0] += 1e-6
+        token[0, 0] += 1e-6
     assert frozen_checksum(sam) != before
-    assert frozen_checksum(sam, exclude=[sam.mask_decoder.iou_token.weight]) == \
-        frozen_checksum(sam, exclude=[sam.mask_decoder.iou_token.weight])
+    assert frozen_checksum(sam, exclude=[token]) == before_rest
+    with torch.no_grad():
+        next(sam.image_encoder.parameters()).view(-1)[0] += 1e-6  # a frozen weight the exclusion does not cover
+    assert frozen_checksum(sam, exclude=[token]) != before_rest
+
+
+def test_training_refuses_a_run_that_moved_frozen_sam(ws, monkeypatch):
+    """A bug that changes a frozen SAM weight during training fails the run, and no plugin file is written."""
+    import pipeline.training.train as train_mod
+
+    real = train_mod.batch_loss
+
+    def moving_batch_loss(model, *args, **kwargs):
+        with torch.no_grad():  # the prompt encoder is SAM's own, shared with the method and frozen
+            next(getattr(model, "module", model).prompt_encoder.parameters()).view(-1)[0] += 1e-3
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "batch_loss", moving_batch_loss)
+    with pytest.raises(RuntimeError, match="frozen weights changed"):
+        run(ws, "stable_sam", "moved", params=replace(ws["params"], **{"train.max_steps": 1}))
+    assert not (ws["tmp"] / "moved" / "plugins" / "stable_sam.pt").exists()
 
 
 def test_only_plugin_parameters_get_gradients(ws):
@@ -126,7 +141,7 @@ def test_training_and_evaluation_forward_give_the_same_logits(ws):
     """A stored training prompt goes through the training forward (a mixed batch, grouped by signature) and
     through the predictor's evaluation path: identical tokens, so identical logits. Padding a point prompt
     with one ``label -1`` token (what training used to do) would change them: the check can fail."""
-    from pipeline.data.embeddings import load_embedding_rows
+    from pipeline.data.embedding_reader import load_embedding_rows
     from pipeline.inference.predictor import Predictor
     from pipeline.inference.prompts import Prompt
     from pipeline.modeling.methods import PromptBatch
@@ -188,7 +203,7 @@ def test_auto_resume_starts_over_when_the_run_changed(ws):
     other = replace(ws["params"], **{"train.lr": 5e-3})
     run(ws, "stable_sam", "auto", stop_after=2, checkpoints=ws["tmp"] / "ck")
     auto = run(ws, "stable_sam", "auto", params=other, resume="auto", checkpoints=ws["tmp"] / "ck")
-    fresh = run(ws, "stable_sam", "fresh", params=other)
+    run(ws, "stable_sam", "fresh", params=other)
     a, b = plugin(ws, "auto")["state_dict"], plugin(ws, "fresh")["state_dict"]
     assert auto["steps"] == 4 and all(torch.equal(a[k], b[k]) for k in a)
     assert (ws["tmp"] / "ck" / "stable_sam.ckpt").is_file()
@@ -222,12 +237,6 @@ def test_rng_state_round_trip_weights_only(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- DDP
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, ws: dict[str, Any], method: str, tag: str) -> None:
     os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
@@ -247,7 +256,7 @@ def test_ddp_two_ranks_match_one_process(ws):
     import torch.multiprocessing as mp
 
     single = run(ws, "dsp", "single")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), ws, "dsp", "ddp"), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), ws, "dsp", "ddp"), nprocs=2, join=True)
     a, b = plugin(ws, "single", "dsp")["state_dict"], plugin(ws, "ddp", "dsp")["state_dict"]
     init = build_method("dsp", load_base(ws["base"])[0], ws["params"].plugin).plugin_state_dict()
     for k in a:

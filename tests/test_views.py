@@ -1,7 +1,6 @@
 """Views: determinism, bit-exact re-rendering, jitter geometry and fill, occlusion correctness and drops."""
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -12,9 +11,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipeline.config import load_params
+from pipeline.config import Params
 from pipeline.data import rle
-from pipeline.data.index import INDEX_SCHEMA, METADATA_KEY, mask_box
+from pipeline.data.index import mask_box
 from pipeline.data.views import (
     OccluderRing,
     build_views,
@@ -26,51 +25,7 @@ from pipeline.data.views import (
     run_views,
     sample_rng,
 )
-
-PROJECT = Path(__file__).resolve().parent.parent
-
-
-def views_cfg(**changes):
-    """The project's views params with ``changes`` applied."""
-    return replace(load_params(PROJECT / "params.yaml").views, **changes)
-
-
-def make_dataset(root: Path, masks: dict[str, tuple[str, np.ndarray]], seed: int = 0) -> pa.Table:
-    """Write noise images + the given masks under ``root``; ``masks``: {sample_id: (split, bool HxW)}.
-
-    Returns an index table (index.parquet's schema, mask threshold 128 in the metadata).
-    """
-    rng = np.random.default_rng(seed)
-    rows = []
-    for sid, (split, mask) in masks.items():
-        dataset, stem = sid.split("/")
-        h, w = mask.shape
-        img_rel, mask_rel = f"{dataset}/{stem}.png", f"{dataset}/{stem}_gt.png"
-        (root / dataset).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / img_rel)
-        Image.fromarray(mask.astype(np.uint8) * 255).save(root / mask_rel)
-        rows.append({
-            "sample_id": sid, "dataset": dataset, "split": split, "image_path": img_rel, "mask_path": mask_rel,
-            "height": h, "width": w, "mask_area": int(mask.sum()), "box": list(mask_box(mask)),
-            "content_sha256": hashlib.sha256(sid.encode()).hexdigest(),
-        })
-    meta = {METADATA_KEY: json.dumps({"mask_threshold": 128}).encode()}
-    return pa.Table.from_pylist(rows, schema=INDEX_SCHEMA.with_metadata(meta))
-
-
-def blob(h: int, w: int, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
-    yy, xx = np.mgrid[:h, :w]
-    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
-
-
-def small_index(root: Path, n_train: int = 5, n_eval: int = 2) -> pa.Table:
-    masks = {}
-    for i in range(n_train):
-        h, w = 48 + 8 * i, 64 - 4 * i
-        masks[f"TR{i % 2}/s{i}"] = ("train", blob(h, w, h / 2, w / 2 + i, h / 4, w / 5))
-    for i in range(n_eval):
-        masks[f"EV/e{i}"] = ("eval", blob(40, 40, 20, 20, 10, 12))
-    return make_dataset(root, masks)
+from tests.fakes import blob, make_dataset, small_index, views_cfg
 
 
 def test_views_are_deterministic_and_rerender_bit_exactly(tmp_path: Path) -> None:
@@ -189,13 +144,13 @@ def test_fully_covered_occlusion_is_dropped_and_counted(tmp_path: Path) -> None:
     assert counts.as_dict()["views"] == {"original": 2, "jitter": 0, "occluded": 1}
 
 
-def test_run_views_stage_writes_table_and_summary(tmp_path: Path) -> None:
+def test_run_views_stage_writes_table_and_summary(tmp_path: Path, test_params: Params) -> None:
     root = tmp_path / "data"
     index = small_index(root, n_train=3, n_eval=1)
     import pyarrow.parquet as pq
 
     pq.write_table(index, tmp_path / "index.parquet")
-    params = load_params(PROJECT / "params.yaml")
+    params = test_params
     summary = run_views(params, tmp_path / "index.parquet", root, tmp_path / "views", workers=1, progress=False)
     table = pq.read_table(tmp_path / "views" / "views.parquet")
     assert summary["total_views"] == table.num_rows

@@ -243,4 +243,18 @@ def _summary(out_root: Path, manifest: dict[str, Any], *, skipped: bool) -> dict
     }
 
 
-__all__ = ["MANIFEST_NAME", "SUMS_NAME", "acquire_dataset", "download_hqseg44k"]
+def run_download(params: Params, out: Path | None = None) -> dict[str, Any]:
+    """The ``download`` stage: :func:`acquire_dataset` into ``out`` (default ``data.root``); prints a summary."""
+    out = Path(out or params.data.root)
+    summary = acquire_dataset(params, out)
+    print(f"{summary.get('source')}: dataset at {out}" + (" (already complete)" if summary.get("skipped") else ""))
+    for name, info in (summary.get("archives") or {}).items():
+        print(f"  {name}: {info['files']} files, {info['size']} bytes, sha256 {info['sha256']}")
+    for name, info in (summary.get("sets") or {}).items():
+        print(f"  {name}: {info}")
+    if summary.get("missing_sets"):
+        print(f"  WARNING: sets missing from the archives: {', '.join(summary['missing_sets'])}")
+    return summary
+
+
+__all__ = ["MANIFEST_NAME", "SUMS_NAME", "acquire_dataset", "download_hqseg44k", "run_download"]

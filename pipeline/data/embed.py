@@ -1,9 +1,9 @@
 """The ``embed`` stage: every view through the frozen SAM image encoder, into resumable Parquet shards.
 
-For each view (sorted by dataset, split, view_id): :func:`pipeline.data.views.render_view` ->
+For each view (sorted by dataset, split, view_id): :func:`pipeline.data.view_render.render_view` ->
 :func:`pipeline.modeling.transforms.preprocess` -> batched ``sam.image_encoder`` under
 ``torch.inference_mode`` (bf16 autocast when ``embed.bf16``) -> fp16 -> shard files (format:
-:mod:`pipeline.data.embeddings`). ``embed.render_workers`` threads render batches ahead of the encoder
+:mod:`pipeline.data.embedding_format`). ``embed.render_workers`` threads render batches ahead of the encoder
 (auto: none on CPU, where they would compete with it for cores), and one thread writes the finished
 shard while the next one encodes.
 
@@ -36,7 +36,7 @@ from torch import nn
 
 from pipeline.common.atomic import atomic_path, atomic_write_json
 from pipeline.config import EmbedConfig, Params
-from pipeline.data.embeddings import (
+from pipeline.data.embedding_format import (
     CACHE_FILE,
     CacheMeta,
     StaleCacheError,
@@ -46,7 +46,8 @@ from pipeline.data.embeddings import (
     shard_path,
     write_shard,
 )
-from pipeline.data.views import read_views, render_view
+from pipeline.data.view_render import render_view
+from pipeline.data.views import read_views
 from pipeline.modeling.transforms import preprocess
 
 log = logging.getLogger(__name__)
@@ -379,8 +380,11 @@ def run_embed(
     from pipeline.modeling.backbones import load_base  # noqa: PLC0415
 
     sam, info = load_base(Path(base_dir))
-    return embed_views(read_views(views_path), root, sam, info, out, params.embed, progress=progress,
-                       on_stale=on_stale)
+    cache = embed_views(read_views(views_path), root, sam, info, out, params.embed, progress=progress,
+                        on_stale=on_stale)
+    print(f"wrote {out}: {cache['rows']} embeddings in {len(cache['shards'])} shards "
+          f"({cache['variant']}, checkpoint {cache['checkpoint_sha256'][:12]}..., grid {cache['grid']})")
+    return cache
 
 
 __all__ = [

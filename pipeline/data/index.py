@@ -17,25 +17,24 @@ both files' (path, size, mtime) and the index params, and reused on the next run
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import logging
 import os
-import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, TextIO
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.common.cli import StageError
-from pipeline.common.atomic import atomic_path, atomic_write_json
+from pipeline.common.atomic import atomic_paths
 from pipeline.config import IndexConfig, Params
-from pipeline.data.images import IMAGE_EXTENSIONS, MASK_EXTENSIONS, DecodeError, image_to_rgb, mask_to_bool, open_image
-from pipeline.data.layout import SetLayout, get_set
+from pipeline.data.layout import get_set
+from pipeline.data.pairs import Candidate, IndexRow, QuarantineRow, list_set, mask_box, validate_pair
 
 log = logging.getLogger(__name__)
 
@@ -58,41 +57,9 @@ INDEX_SCHEMA = pa.schema([
 ])
 QUARANTINE_SCHEMA = pa.schema([("path", pa.string()), ("dataset", pa.string()), ("reason", pa.string())])
 
-# Short machine-readable categories of quarantine reasons (summary table only; not a column).
-Kind = Literal[
-    "stray_file", "stray_folder", "no_mask", "no_image", "duplicate", "unreadable",
-    "image_undecodable", "mask_undecodable", "size_mismatch", "empty_mask",
-]
-
 
 class IndexBuildError(StageError):
     """The index cannot be built (missing set folder, a set with no valid pair); the message says the fix."""
-
-
-@dataclass(frozen=True)
-class IndexRow:
-    """One valid image/mask pair (a row of ``index.parquet``); ``box`` is inclusive ``[x0, y0, x1, y1]``."""
-
-    sample_id: str
-    dataset: str
-    split: str
-    image_path: str
-    mask_path: str
-    height: int
-    width: int
-    mask_area: int
-    box: tuple[float, float, float, float]
-    content_sha256: str
-
-
-@dataclass(frozen=True)
-class QuarantineRow:
-    """One rejected file (a row of ``quarantine.parquet``, plus its reason's category ``kind``)."""
-
-    path: str
-    dataset: str
-    reason: str
-    kind: Kind
 
 
 @dataclass
@@ -139,70 +106,6 @@ class IndexResult:
 
 
 # --------------------------------------------------------------------------------------------------
-# Listing: pair files by stem, quarantine what cannot be paired
-@dataclass(frozen=True)
-class Candidate:
-    """An image/mask pair matched by name, not yet decoded (paths relative to the dataset root)."""
-
-    stem: str
-    image_path: str
-    mask_path: str
-
-
-def list_set(root: Path, layout: SetLayout) -> tuple[list[Candidate], list[QuarantineRow]]:
-    """Pair a set's files by stem; returns candidates sorted by stem and listing-level quarantine rows.
-
-    The set's folders must exist (checked by :func:`check_folders`).
-    """
-    images: dict[str, list[str]] = collections.defaultdict(list)
-    masks: dict[str, list[str]] = collections.defaultdict(list)
-    quarantine: list[QuarantineRow] = []
-    if layout.side_by_side:  # one folder; .png there is the mask
-        image_exts = tuple(e for e in IMAGE_EXTENSIONS if e not in MASK_EXTENSIONS)
-        folders = [(layout.image_dir, "image")]
-    else:
-        image_exts = IMAGE_EXTENSIONS
-        folders = [(layout.image_dir, "image"), (layout.mask_dir, "mask")]
-    for rel_dir, role in folders:
-        for entry in sorted(os.scandir(root / rel_dir), key=lambda e: e.name):
-            rel = f"{rel_dir}/{entry.name}"
-            stem, ext = os.path.splitext(entry.name)
-            ext = ext.lower()
-
-            def stray(detail: str, kind: str = "stray_file") -> None:
-                quarantine.append(QuarantineRow(rel, layout.name, detail, kind))
-
-            if entry.is_dir():
-                stray("stray folder (sets are flat; not scanned)", "stray_folder")
-            elif entry.name.startswith("."):
-                stray("stray file (hidden file, e.g. .DS_Store or a macOS ._ resource fork)")
-            elif ext in MASK_EXTENSIONS and (layout.side_by_side or role == "mask"):
-                masks[stem].append(rel)
-            elif ext in image_exts and role == "image":
-                images[stem].append(rel)
-            elif role == "mask":
-                stray(f"stray file (unexpected extension {ext or '(none)'!r} in a mask folder; masks are .png)")
-            else:
-                stray(f"stray file (unexpected extension {ext or '(none)'!r}; images are {'/'.join(image_exts)})")
-
-    candidates: list[Candidate] = []
-    for stem in sorted(set(images) | set(masks)):
-        ims, mks = images.get(stem, []), masks.get(stem, [])
-        if len(ims) > 1:
-            listed = ", ".join(ims)
-            for p in ims:
-                reason = f"duplicate image for stem {stem!r}: {listed}"
-                quarantine.append(QuarantineRow(p, layout.name, reason, "duplicate"))
-            for p in mks:
-                quarantine.append(QuarantineRow(p, layout.name, f"mask's image is ambiguous: {listed}", "duplicate"))
-        elif ims and not mks:
-            expected = f"{layout.mask_dir}/{stem}{MASK_EXTENSIONS[0]}"
-            quarantine.append(QuarantineRow(ims[0], layout.name, f"no mask for image (expected {expected})", "no_mask"))
-        elif mks and not ims:
-            quarantine.append(QuarantineRow(mks[0], layout.name, "no image for mask", "no_image"))
-        else:
-            candidates.append(Candidate(stem, ims[0], mks[0]))
-    return candidates, quarantine
 
 
 def check_folders(root: Path, names: Iterable[str]) -> None:
@@ -227,83 +130,6 @@ def check_folders(root: Path, names: Iterable[str]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Validation of one pair
-def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
-    """Tight inclusive box ``(x0, y0, x1, y1)`` of a non-empty ``bool [H, W]`` mask."""
-    cols, rows = mask.any(axis=0), mask.any(axis=1)
-    if not cols.any():
-        raise ValueError("mask_box: empty mask")
-    x0, y0 = int(cols.argmax()), int(rows.argmax())
-    x1, y1 = len(cols) - 1 - int(cols[::-1].argmax()), len(rows) - 1 - int(rows[::-1].argmax())
-    return float(x0), float(y0), float(x1), float(y1)
-
-
-MAX_FILE_BYTES = 1 << 30  # no image of the HQ sets comes near 1 GiB; a bigger "image" is not one
-
-
-def read_regular_file(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
-    """The bytes of ``path`` if it is (or links to) a regular file of at most ``max_bytes``; else ``OSError``.
-
-    Checked before opening, so a named pipe (which would block ``open`` forever) or a link to a device such
-    as ``/dev/zero`` (endless bytes) is refused instead of hanging or exhausting memory.
-    """
-    st = os.stat(path)  # follows links: what would actually be read
-    if not stat.S_ISREG(st.st_mode):
-        kind = ("named pipe" if stat.S_ISFIFO(st.st_mode) else "device" if stat.S_ISCHR(st.st_mode) or
-                stat.S_ISBLK(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "not a file")
-        raise OSError(f"not a regular file ({kind})")
-    if st.st_size > max_bytes:
-        raise OSError(f"{st.st_size} bytes, more than the {max_bytes} an image or mask may have")
-    with open(path, "rb") as fh:
-        data = fh.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise OSError(f"grew past {max_bytes} bytes while being read")
-    return data
-
-
-def validate_pair(
-    root: Path, cand: Candidate, dataset: str, split: str, cfg: IndexConfig
-) -> IndexRow | QuarantineRow:
-    """Read, hash and decode one candidate pair; an :class:`IndexRow` if valid, else a :class:`QuarantineRow`."""
-    try:
-        image_bytes = read_regular_file(root / cand.image_path)
-    except OSError as exc:
-        return QuarantineRow(cand.image_path, dataset, f"image not readable: {exc.strerror or exc}", "unreadable")
-    try:
-        mask_bytes = read_regular_file(root / cand.mask_path)
-    except OSError as exc:
-        return QuarantineRow(cand.mask_path, dataset, f"mask not readable: {exc.strerror or exc}", "unreadable")
-    try:
-        image = open_image(image_bytes)
-        if image.mode != "RGB":
-            image_to_rgb(image)  # proves the conversion every later stage does works
-    except DecodeError as exc:
-        return QuarantineRow(cand.image_path, dataset, f"image not decodable: {exc}", "image_undecodable")
-    try:
-        mask_img = open_image(mask_bytes)
-        mask = mask_to_bool(mask_img, cfg.mask_threshold)
-    except DecodeError as exc:
-        return QuarantineRow(cand.mask_path, dataset, f"mask not decodable: {exc}", "mask_undecodable")
-    (iw, ih), (mw, mh) = image.size, mask_img.size
-    if (iw, ih) != (mw, mh):
-        reason = f"mask size {mw}x{mh} != image size {iw}x{ih}"
-        if (iw, ih) == (mh, mw) and image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-            reason += " (the image's EXIF orientation rotates it; masks follow the stored raster)"
-        return QuarantineRow(cand.mask_path, dataset, reason, "size_mismatch")
-    area = int(np.count_nonzero(mask))
-    if area < cfg.min_mask_pixels:
-        return QuarantineRow(
-            cand.mask_path, dataset,
-            f"empty mask ({area} px > {cfg.mask_threshold}; need >= {cfg.min_mask_pixels})", "empty_mask",
-        )
-    digest = hashlib.sha256()
-    digest.update(image_bytes)
-    digest.update(mask_bytes)
-    return IndexRow(
-        sample_id=f"{dataset}/{cand.stem}", dataset=dataset, split=split,
-        image_path=cand.image_path, mask_path=cand.mask_path, height=ih, width=iw,
-        mask_area=area, box=mask_box(mask), content_sha256=digest.hexdigest(),
-    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,7 +141,7 @@ class _Journal:
         self.salt = json.dumps([FORMAT_VERSION, cfg.mask_threshold, cfg.min_mask_pixels])
         self.entries: dict[str, dict[str, Any]] = {}
         if path.is_file():
-            with open(path, encoding="utf-8") as fh:
+            with open(path, encoding="utf-8", errors="replace") as fh:
                 for line in fh:
                     try:
                         entry = json.loads(line)
@@ -323,8 +149,12 @@ class _Journal:
                     except (json.JSONDecodeError, KeyError, TypeError):
                         continue  # a torn last line from a killed run
             log.info("resuming from %s (%d validated pairs)", path, len(self.entries))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = open(path, "a", encoding="utf-8")
+        self.fh: TextIO | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.fh = open(path, "a", encoding="utf-8")
+        except OSError as exc:
+            log.warning("%s: cannot write the resume journal (%s); going on without it", path, exc.strerror or exc)
 
     def key(self, root: Path, cand: Candidate) -> str | None:
         try:
@@ -345,12 +175,22 @@ class _Journal:
     def put(self, key: str | None, outcome: IndexRow | QuarantineRow) -> None:
         if key is None:
             return
+        if self.fh is None:
+            return
         tag = "row" if isinstance(outcome, IndexRow) else "quarantine"
-        self.fh.write(json.dumps({"key": key, tag: asdict(outcome)}) + "\n")
-        self.fh.flush()
+        try:
+            self.fh.write(json.dumps({"key": key, tag: asdict(outcome)}) + "\n")
+            self.fh.flush()
+        except OSError as exc:  # e.g. the disk filled up: the journal only saves time, so go on without it
+            log.warning("%s: cannot write the resume journal (%s); going on without it",
+                        self.path, exc.strerror or exc)
+            self.close()
 
     def close(self) -> None:
-        self.fh.close()
+        if self.fh is not None:
+            with contextlib.suppress(OSError):
+                self.fh.close()
+            self.fh = None
 
 
 def build_index(
@@ -443,13 +283,20 @@ def quarantine_table(result: IndexResult) -> pa.Table:
 
 
 def write_index(result: IndexResult, out_dir: str | Path, metrics_path: str | Path | None = None) -> None:
-    """Write ``<out_dir>/index.parquet`` and ``quarantine.parquet`` (one atomic folder swap) and the metrics JSON."""
-    with atomic_path(out_dir) as tmp:
+    """Write ``<out_dir>/index.parquet`` and ``quarantine.parquet`` (one atomic folder swap) and the metrics JSON.
+
+    Both outputs are written to temporaries before either is replaced: a full disk or a read-only folder
+    raises :class:`~pipeline.common.atomic.OutputWriteError` (naming the output and the fix) with the
+    previous index and metrics unchanged and no temporary left behind.
+    """
+    dests = [Path(out_dir)] + ([Path(metrics_path)] if metrics_path is not None else [])
+    with atomic_paths(*dests) as temps:
+        tmp = temps[0]
         tmp.mkdir(parents=True)
         pq.write_table(index_table(result), tmp / INDEX_FILE)
         pq.write_table(quarantine_table(result), tmp / QUARANTINE_FILE)
-    if metrics_path is not None:
-        atomic_write_json(metrics_path, result.metrics())
+        if metrics_path is not None:
+            temps[1].write_text(json.dumps(result.metrics(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def read_index(path: str | Path) -> pa.Table:
@@ -472,8 +319,30 @@ def index_metadata(table: pa.Table) -> dict[str, Any]:
     return json.loads(raw) if raw else {}
 
 
+def default_journal(out: Path) -> Path:
+    """Where the resume journal of an index run writing ``out`` lives (outside ``out``: DVC clears it)."""
+    return Path(out).parent / f".{Path(out).name}.journal.jsonl"
+
+
+def run_index(params: Params, root: Path, out: Path, metrics: Path | None = None, *, fresh: bool = False,
+              progress: bool = True) -> IndexResult:
+    """The ``index`` stage: :func:`build_index` (resumable via :func:`default_journal`), :func:`write_index`,
+    remove the journal, print the per-set table. ``fresh`` discards an earlier run's journal first."""
+    journal = default_journal(out)
+    if fresh:
+        journal.unlink(missing_ok=True)
+    result = build_index(root, params, journal=journal, progress=progress)
+    write_index(result, out, metrics)
+    journal.unlink(missing_ok=True)
+    print(result.summary_table())
+    print(f"wrote {out}/index.parquet ({len(result.rows)} pairs), {out}/quarantine.parquet "
+          f"({len(result.quarantine)} files)")
+    return result
+
+
 __all__ = [
     "Candidate", "INDEX_SCHEMA", "IndexBuildError", "IndexResult", "IndexRow", "QUARANTINE_SCHEMA",
     "QuarantineRow", "SetSummary", "build_index", "check_folders", "index_metadata", "index_table",
     "list_set", "mask_box", "quarantine_table", "read_index", "validate_pair", "write_index",
+    "default_journal", "run_index",
 ]

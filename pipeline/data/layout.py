@@ -1,4 +1,4 @@
-"""The HQSeg-44K folder layout (SPEC §4.1): which folders hold each set's images and masks.
+"""The HQSeg-44K folder layout (docs/METHOD.md §4.1): which folders hold each set's images and masks.
 
 Both the downloader (real archives) and the embedded generator (a stand-in) produce this tree under
 one dataset root; the index stage reads it back with the same table, so the three can never disagree.

@@ -1,4 +1,4 @@
-"""Training views (SPEC §3): the original image, large-scale-jitter views and occlusion synthesis.
+"""Training views (docs/METHOD.md §3): the original image, large-scale-jitter views and occlusion synthesis.
 
 Every training image gets a deterministic list of views; every eval image only its original:
 
@@ -35,26 +35,30 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-
-from pipeline.common.cli import StageError
-from pipeline.common.atomic import atomic_path  # noqa: E402
-from pipeline.config import Params, ViewsConfig  # noqa: E402
-from pipeline.data import rle  # noqa: E402
-from pipeline.data.images import load_image, load_mask  # noqa: E402
-from pipeline.data.index import index_metadata, mask_box, read_index  # noqa: E402
+from pipeline.common.atomic import atomic_path, atomic_write_json
+from pipeline.config import Params, ViewsConfig
+from pipeline.data import rle
+from pipeline.data.index import index_metadata, mask_box, read_index
+from pipeline.data.view_render import (  # the geometry half: re-exported, callers may import either module
+    SPEC_VERSION,
+    ViewRenderError,
+    _load_checked_mask,
+    jitter_image,
+    jitter_mask,
+    occluder_patch,
+    paste_occluder,
+    pasted_occluder_mask,
+    render_view,
+)
 
 log = logging.getLogger(__name__)
 
-SPEC_VERSION = 1
 VIEWS_FILE = "views.parquet"
 SUMMARY_FILE = "summary.json"
 KINDS = ("original", "jitter", "occluded")
@@ -74,10 +78,6 @@ VIEWS_SCHEMA = pa.schema([
     ("mask_area", pa.int64()),
     ("box", pa.list_(pa.float32(), 4)),
 ])
-
-
-class ViewRenderError(StageError):
-    """A view that cannot be rebuilt (missing/changed source file); the message names the file and the fix."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,179 +116,6 @@ class OccluderRing:
         if self.ids[i] == self_id:
             i = (i + 1) % len(self.ids)
         return self.ids[i]
-
-
-# --------------------------------------------------------------------------------------------------
-# Geometry (albumentations with fixed parameters: deterministic, no random draws inside)
-def _mask_u8(mask: np.ndarray) -> np.ndarray:
-    return mask.astype(np.uint8) * np.uint8(255)
-
-
-def _run(transforms: list[A.BasicTransform], array: np.ndarray) -> np.ndarray:
-    return A.Compose(transforms)(image=array)["image"]
-
-
-def _jitter_transforms(spec: Mapping[str, Any], fill: int) -> list[A.BasicTransform]:
-    rh, rw = spec["resize"]
-    x0, y0, x1, y1 = spec["crop"]
-    size = spec["canvas"]
-    ts: list[A.BasicTransform] = [A.HorizontalFlip(p=1.0)] if spec["flip"] else []
-    ts += [
-        A.Resize(rh, rw, interpolation=cv2.INTER_LINEAR),
-        A.Crop(x_min=x0, y_min=y0, x_max=x1, y_max=y1),
-        A.PadIfNeeded(min_height=size, min_width=size, position="top_left",
-                      border_mode=cv2.BORDER_CONSTANT, fill=fill, fill_mask=0),
-    ]
-    return ts
-
-
-def jitter_image(image: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
-    """uint8 ``HxWx3`` -> the jitter view's ``canvas x canvas x 3`` image (padding = ``pad_fill``)."""
-    return _run(_jitter_transforms(spec, int(spec["pad_fill"])), image)
-
-
-def jitter_mask(mask: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
-    """bool ``HxW`` -> the jitter view's bool ``canvas x canvas`` GT (bilinear on 0/255, > 127; pad 0)."""
-    return _run(_jitter_transforms(spec, 0), _mask_u8(mask)) > 127
-
-
-def _occluder_transforms(occ: Mapping[str, Any]) -> list[A.BasicTransform]:
-    x0, y0, x1, y1 = occ["crop"]
-    rh, rw = occ["resize"]
-    ts: list[A.BasicTransform] = [A.Crop(x_min=x0, y_min=y0, x_max=x1, y_max=y1)]
-    if occ["flip"]:
-        ts.append(A.HorizontalFlip(p=1.0))
-    ts.append(A.Resize(rh, rw, interpolation=cv2.INTER_LINEAR))
-    return ts
-
-
-def occluder_patch(
-    image: np.ndarray | None, mask: np.ndarray, occ: Mapping[str, Any]
-) -> tuple[np.ndarray | None, np.ndarray]:
-    """The occluder's (image ``rh x rw x 3`` or None, bool mask ``rh x rw``) after crop, flip and resize."""
-    ts = _occluder_transforms(occ)
-    patch_mask = _run(ts, _mask_u8(mask)) > 127
-    patch_img = _run(ts, image) if image is not None else None
-    return patch_img, patch_mask
-
-
-def _paste_window(
-    canvas_hw: tuple[int, int], patch_hw: tuple[int, int], top_left: Sequence[int]
-) -> tuple[slice, slice, slice, slice] | None:
-    """(canvas rows, canvas cols, patch rows, patch cols) of a patch placed at ``(x, y)``; None if outside."""
-    H, W = canvas_hw
-    h, w = patch_hw
-    x, y = int(top_left[0]), int(top_left[1])
-    cy0, cx0 = max(0, y), max(0, x)
-    cy1, cx1 = min(H, y + h), min(W, x + w)
-    if cy1 <= cy0 or cx1 <= cx0:
-        return None
-    return slice(cy0, cy1), slice(cx0, cx1), slice(cy0 - y, cy1 - y), slice(cx0 - x, cx1 - x)
-
-
-def pasted_occluder_mask(canvas_hw: tuple[int, int], patch_mask: np.ndarray, top_left: Sequence[int]) -> np.ndarray:
-    """bool ``HxW``: where the occluder covers the canvas."""
-    out = np.zeros(canvas_hw, dtype=bool)
-    win = _paste_window(canvas_hw, patch_mask.shape, top_left)
-    if win is not None:
-        cr, cc, pr, pc = win
-        out[cr, cc] = patch_mask[pr, pc]
-    return out
-
-
-def paste_occluder(image: np.ndarray, patch_img: np.ndarray, patch_mask: np.ndarray, top_left: Sequence[int]) -> np.ndarray:
-    """A copy of ``image`` (``HxWx3``) with the occluder's pixels (where its mask is set) pasted in."""
-    out = image.copy()
-    win = _paste_window(image.shape[:2], patch_mask.shape, top_left)
-    if win is not None:
-        cr, cc, pr, pc = win
-        sel = patch_mask[pr, pc]
-        out[cr, cc][sel] = patch_img[pr, pc][sel]
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Rendering a stored view
-def _src(root: Path, rel: str) -> Path:
-    return Path(root) / rel
-
-
-def _load_checked_image(root: Path, rel: str, hw: Sequence[int]) -> np.ndarray:
-    path = _src(root, rel)
-    if not path.is_file():
-        raise ViewRenderError(f"{path}: source image missing; re-run `dvc repro index views` (or fix --root)")
-    image = load_image(path)
-    if tuple(image.shape[:2]) != tuple(hw):
-        raise ViewRenderError(
-            f"{path}: image is {image.shape[1]}x{image.shape[0]}, the views were made for "
-            f"{hw[1]}x{hw[0]}; the file changed: re-run `dvc repro index views`"
-        )
-    return image
-
-
-def _load_checked_mask(root: Path, rel: str, threshold: int, hw: Sequence[int]) -> np.ndarray:
-    path = _src(root, rel)
-    if not path.is_file():
-        raise ViewRenderError(f"{path}: source mask missing; re-run `dvc repro index views` (or fix --root)")
-    mask = load_mask(path, threshold)
-    if tuple(mask.shape) != tuple(hw):
-        raise ViewRenderError(f"{path}: mask size changed since the views were made; re-run `dvc repro index views`")
-    return mask
-
-
-def _check_against_index(spec: Mapping[str, Any], index: Any) -> None:
-    """Optional guard: the index's content hash must still be the one the view was made from."""
-    lookup = index if isinstance(index, Mapping) else None
-    if lookup is None:  # a pandas DataFrame or pyarrow Table
-        return
-    for src in [spec] + ([spec["occluder"]] if "occluder" in spec else []):
-        row = lookup.get(src["sample_id"])
-        if row is not None and row["content_sha256"] != src["source_sha256"]:
-            raise ViewRenderError(
-                f"view spec of {src['sample_id']} was made from other file contents than the index holds; "
-                "re-run `dvc repro views`"
-            )
-
-
-def render_view(
-    row: Mapping[str, Any],
-    index: Any = None,
-    root: str | os.PathLike[str] = ".",
-    *,
-    with_image: bool = True,
-    with_mask: bool = True,
-) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Rebuild one view's pixels: (image uint8 ``HxWx3``, GT bool ``HxW``); either is None when not asked for.
-
-    ``row`` is a views-table row (needs ``spec``); ``index`` is optional (a ``{sample_id: index row}``
-    mapping enables a content-hash check; the spec itself holds the source paths); ``root`` is the dataset root.
-    """
-    spec = json.loads(row["spec"])
-    if spec.get("v") != SPEC_VERSION:
-        raise ViewRenderError(f"view {row.get('view_id')}: spec version {spec.get('v')} != {SPEC_VERSION}; "
-                              "re-run `dvc repro views`")
-    if index is not None:
-        _check_against_index(spec, index)
-    root = Path(root)
-    thr = int(spec["mask_threshold"])
-    image = _load_checked_image(root, spec["image_path"], spec["source_hw"]) if with_image else None
-    mask = _load_checked_mask(root, spec["mask_path"], thr, spec["source_hw"]) if with_mask else None
-    kind = spec["kind"]
-    if kind == "original":
-        return image, mask
-    if kind == "jitter":
-        out_img = jitter_image(image, spec) if image is not None else None
-        return out_img, (jitter_mask(mask, spec) if mask is not None else None)
-    if kind == "occluded":
-        occ = spec["occluder"]
-        occ_img = _load_checked_image(root, occ["image_path"], occ["source_hw"]) if with_image else None
-        occ_mask = _load_checked_mask(root, occ["mask_path"], thr, occ["source_hw"])
-        p_img, p_mask = occluder_patch(occ_img, occ_mask, occ)
-        out_img = paste_occluder(image, p_img, p_mask, occ["paste"]) if image is not None else None
-        if mask is None:
-            return out_img, None
-        return out_img, mask & ~pasted_occluder_mask(mask.shape, p_mask, occ["paste"])
-    raise ViewRenderError(f"view {row.get('view_id')}: unknown kind {kind!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -547,8 +374,10 @@ def run_views(
     *,
     workers: int | None = None,
     progress: bool = True,
+    metrics: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """The ``views`` stage: index -> ``<out_dir>/views.parquet`` + ``summary.json``; returns the summary."""
+    """The ``views`` stage: index -> ``<out_dir>/views.parquet`` + ``summary.json`` (also written to ``metrics``
+    when given); returns the summary."""
     index = read_index(index_path)
     threshold = int(index_metadata(index).get("mask_threshold", params.index.mask_threshold))
     output_size = resolve_output_size(params)
@@ -562,7 +391,10 @@ def run_views(
         tmp.mkdir(parents=True)
         pq.write_table(table, tmp / VIEWS_FILE)
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    if metrics is not None:
+        atomic_write_json(metrics, summary)
     log.info("views: %s", summary)
+    print(f"wrote {out_dir}/{VIEWS_FILE} ({summary['total_views']} views)")
     return summary
 
 

@@ -1,21 +1,26 @@
 """COCO-json benchmarks (MS COCO val2017, SGinW...): box-prompted instance masks scored by mask mAP.
 
-SPEC §4.4/§5: mask mAP and mAP50 with pycocotools ``COCOeval(iouType="segm")``, each mask scored by
+docs/METHOD.md §4.4/§5: mask mAP and mAP50 with pycocotools ``COCOeval(iouType="segm")``, each mask scored by
 SAM's predicted IoU. Images are not in the embedding cache: the frozen image encoder runs on the fly.
 Box sources (``evaluate.coco[].box_source``):
 
 - ``gt``: every non-crowd GT instance prompted by its tight box (output key ``gt_box``);
-- ``noisy``: the same box with SPEC §3 noise, seeded per (prompts.seed, benchmark, image, annotation)
+- ``noisy``: the same box with docs/METHOD.md §3 noise, seeded per (prompts.seed, benchmark, image, annotation)
   (output key ``noisy_box``);
 - ``detections``: boxes from a COCO results json (``evaluate.coco[].detections``); each mask's score is
   the detection's score [assume: ranking detections is the detector's job, as in HQ-SAM's COCO protocol]
   (output key ``detections``; no ``miou``, detections have no paired GT).
+
+Before scoring, :func:`validate_coco` checks every image and instance like the index stage checks the HQ
+sets (decode, size against the json, empty masks) and quarantines the rest with a stable reason; only the
+valid images are scored.
 
     python -m stages.evaluate --params params.yaml --benchmark <coco entry name> --method stable_sam ...
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -29,6 +34,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
+from pipeline.config import IndexConfig
+from pipeline.data.index import IndexResult, SetSummary
+from pipeline.data.pairs import IndexRow, QuarantineRow, mask_box, read_regular_file
 from pipeline.evaluation.predict import EvaluationError, predict_rles
 from pipeline.inference.predictor import Predictor
 from pipeline.inference.prompts import Prompt
@@ -115,6 +123,106 @@ def _load_detections(path: str | Path) -> dict[int, list[dict[str, Any]]]:
     return by_image
 
 
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _instance_mask(coco: COCO, ann: dict[str, Any]) -> np.ndarray:
+    """``bool [H, W]`` of one annotation; a malformed segmentation raises ``ValueError`` with a stable message."""
+    try:
+        return coco.annToMask(ann).astype(bool)
+    except Exception as exc:  # pycocotools raises TypeError/KeyError/IndexError... on malformed polygons/RLEs
+        raise ValueError(f"segmentation not decodable ({type(exc).__name__})") from None
+
+
+def validate_coco(entry: dict[str, Any], cfg: IndexConfig) -> IndexResult:
+    """Validate an ``evaluate.coco`` entry: each json image decodes, has the json's size and (box sources gt /
+    noisy) at least one non-empty instance; every other case is a quarantine row (file, reason), as in the index
+    stage. Valid images are :class:`IndexRow` s (``mask_path`` = ``<annotations>#image_id=<id>``)."""
+    from pipeline.data.images import DecodeError, image_to_rgb, open_image
+
+    name, source = str(entry["name"]), str(entry["box_source"])
+    ann_path = str(entry["annotations"])
+    coco = load_coco(ann_path)
+    image_dir = Path(entry["images"])
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"{image_dir}: COCO image folder not found (evaluate.coco[{name}].images)")
+    quarantine: list[QuarantineRow] = []
+    rows: list[IndexRow] = []
+
+    def bad(path: str, reason: str, kind: str) -> None:
+        quarantine.append(QuarantineRow(path, name, reason, kind))  # type: ignore[arg-type]
+
+    listed = {str(info.get("file_name", "")) for info in coco.imgs.values()}
+    for f in sorted(image_dir.iterdir(), key=lambda q: q.name):
+        if f.name in listed:
+            continue
+        if f.is_dir():
+            bad(str(f), "stray folder (the images folder is flat; not scanned)", "stray_folder")
+        elif f.name.startswith(".") or f.suffix.lower() not in _IMAGE_SUFFIXES:
+            bad(str(f), "stray file (not an image listed in the annotations json)", "stray_file")
+        else:
+            bad(str(f), f"no annotations entry for image (not in {ann_path})", "no_mask")
+    for ann in sorted(coco.anns.values(), key=lambda a: a["id"]):
+        if ann.get("image_id") not in coco.imgs:
+            bad(f"{ann_path}#ann={ann['id']}", f"annotation of an unknown image_id {ann.get('image_id')!r}", "no_image")
+    for image_id in sorted(coco.imgs):
+        info = coco.imgs[image_id]
+        path = str(image_dir / str(info.get("file_name", "")))
+        if not Path(path).is_file():
+            bad(path, f"no image file for annotations entry image_id={image_id}", "no_image")
+            continue
+        try:
+            data = read_regular_file(Path(path))
+        except OSError as exc:
+            bad(path, f"image not readable: {exc.strerror or exc}", "unreadable")
+            continue
+        try:
+            image = open_image(data)
+            if image.mode != "RGB":
+                image_to_rgb(image)
+        except DecodeError as exc:
+            bad(path, f"image not decodable: {exc}", "image_undecodable")
+            continue
+        (w, h), want = image.size, (int(info.get("width", -1)), int(info.get("height", -1)))
+        if (w, h) != want:
+            bad(path, f"image size {w}x{h} != annotations size {want[0]}x{want[1]} (image_id={image_id})",
+                "size_mismatch")
+            continue
+        union = np.zeros((h, w), bool)
+        area = 0
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=False)):
+            where = f"{ann_path}#ann={ann['id']}"
+            try:
+                m = _instance_mask(coco, ann)
+            except ValueError as exc:
+                bad(where, f"instance mask of image_id={image_id}: {exc}", "mask_undecodable")
+                continue
+            if m.shape != (h, w):
+                bad(where, f"instance mask size {m.shape[1]}x{m.shape[0]} != image size {w}x{h}", "size_mismatch")
+            elif not m.any():
+                bad(where, f"empty instance mask (0 px; image_id={image_id})", "empty_mask")
+            else:
+                union |= m
+                area += int(m.sum())
+        if not union.any() and source != "detections":
+            bad(path, f"no non-empty instance to prompt (image_id={image_id})", "empty_mask")
+            continue
+        digest = hashlib.sha256(data)
+        digest.update(json.dumps(coco.imgToAnns.get(image_id, []), sort_keys=True, default=str).encode())
+        rows.append(IndexRow(
+            sample_id=f"{name}/{image_id}", dataset=name, split="eval", image_path=path,
+            mask_path=f"{ann_path}#image_id={image_id}", height=h, width=w, mask_area=area,
+            box=mask_box(union) if union.any() else (0.0, 0.0, float(w - 1), float(h - 1)),
+            content_sha256=digest.hexdigest(),
+        ))
+    quarantine.sort(key=lambda q: q.path)
+    summary = SetSummary(name, "eval", candidates=len(coco.imgs), pairs=len(rows), quarantined=len(quarantine))
+    summary.kinds.update(q.kind for q in quarantine)
+    for q in quarantine:
+        log.warning("quarantined %s: %s: %s", name, q.path, q.reason)
+    return IndexResult(rows, quarantine, {name: summary}, cfg)
+
+
 @torch.inference_mode()
 def run_coco_benchmark(
     params: Any,
@@ -129,7 +237,7 @@ def run_coco_benchmark(
     rows carry view_id (image id), prompt_type, draw (instance index), iou, biou (NaN: not computed
     here), alpha1, pred_rle, score, height, width, ann_id, category_id.
     """
-    from pipeline.data.images import DecodeError, load_image
+    from pipeline.data.images import load_image
     from pipeline.prompts.boxes import mask_to_box, noisy_box
     from pipeline.prompts.seeding import rng_for
 
@@ -142,7 +250,11 @@ def run_coco_benchmark(
         raise FileNotFoundError(f"{image_dir}: COCO image folder not found (check evaluate.coco[].images for {name!r})")
     detections = _load_detections(entry["detections"]) if source == "detections" else {}
     ev = params.evaluate
-    image_ids = sorted(coco.getImgIds())
+    valid = validate_coco(entry, params.index).rows
+    if not valid:
+        raise EvaluationError(f"{name}: no valid image in {image_dir} (see the quarantine warnings above)")
+    valid_ids = {r.sample_id for r in valid}
+    image_ids = [i for i in sorted(coco.imgs) if f"{name}/{i}" in valid_ids]
     if params.data.max_images_per_set:
         image_ids = image_ids[: params.data.max_images_per_set]
 
@@ -152,16 +264,8 @@ def run_coco_benchmark(
     ious: list[float] = []
     for image_id in tqdm(image_ids, desc=f"{name} [{key}]", unit="img", disable=not progress):
         info = coco.imgs[image_id]
-        path = image_dir / info["file_name"]
-        try:
-            image = load_image(path)
-        except (OSError, DecodeError, ValueError) as exc:
-            log.warning("quarantined %s: unreadable image (%s)", path, exc)
-            continue
+        image = load_image(image_dir / info["file_name"])  # validated above
         hw = (int(info["height"]), int(info["width"]))
-        if image.shape[:2] != hw:
-            log.warning("quarantined %s: image is %s but the annotations say %s", path, image.shape[:2], hw)
-            continue
         prompts: list[Prompt] = []
         meta: list[tuple[int, int, dict[str, Any] | None]] = []  # (ann_id, category_id, gt rle)
         if source == "detections":
@@ -171,8 +275,11 @@ def run_coco_benchmark(
         else:
             anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=False))
             for ann in anns:
-                gt_mask = coco.annToMask(ann).astype(bool)
-                if not gt_mask.any():
+                try:
+                    gt_mask = _instance_mask(coco, ann)
+                except ValueError:
+                    continue  # quarantined by validate_coco
+                if gt_mask.shape != hw or not gt_mask.any():
                     continue
                 box = mask_to_box(gt_mask)
                 if source == "noisy":
@@ -211,4 +318,5 @@ def _bytes_rle(rle: dict[str, Any]) -> dict[str, Any]:
     return {"size": rle["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
 
 
-__all__ = ["BOX_SOURCE_KEYS", "coco_from_dict", "load_coco", "run_coco_benchmark", "segm_map", "xywh_to_xyxy"]
+__all__ = ["BOX_SOURCE_KEYS", "coco_from_dict", "load_coco", "run_coco_benchmark", "segm_map", "validate_coco",
+           "xywh_to_xyxy"]

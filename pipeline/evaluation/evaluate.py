@@ -8,6 +8,9 @@ Benchmarks (``--benchmark``):
   with :func:`pipeline.prompts.synthesis.eval_prompts` (same seeds and types as the prompts stage);
 - the name of an ``evaluate.coco`` entry: see :mod:`pipeline.evaluation.coco`.
 
+A user dataset (folder or COCO) is validated like the HQ sets by the index stage before it is scored
+(:mod:`pipeline.evaluation.user_datasets`); only its valid pairs/images are scored.
+
 Outputs (written atomically): ``<out>/<benchmark>/<method>.json`` =
 ``{prompt_type: {"miou", "mbiou", "st", "alpha1" (DRP methods only, a fraction 0-1 like the paper's
 Table 6), "n" (scored prompts)}}`` with miou/mbiou/st in percent (COCO: ``{key: {"map", "map50",
@@ -43,8 +46,8 @@ from pipeline.common.atomic import atomic_path, atomic_write_json, finite_json
 from pipeline.common.hashing import sha256_bytes, sha256_file
 from pipeline.config import Params
 from pipeline.data import rle
-from pipeline.data.layout import SETS_BY_NAME
 from pipeline.evaluation.predict import EvaluationError, load_predictor, predict_and_score, stability_from_rles
+from pipeline.evaluation.user_datasets import check_entry, resolve_benchmark, validate_folder, write_user_index
 from pipeline.inference.predictor import Predictor
 from pipeline.inference.prompts import Prompt
 from pipeline.modeling.transforms import input_size
@@ -64,7 +67,6 @@ PREDICTION_SCHEMA = pa.schema([
     ("width", pa.int32()),
     ("st", pa.float64()),
 ])
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,48 @@ def evaluate_benchmark(
     )
 
 
+def run_evaluate(
+    params: Params,
+    benchmark: str,
+    method: str | None,
+    *,
+    entry: dict[str, str | None] | None = None,
+    index_only: bool = False,
+    index_dir: Path = Path("data/eval_index"),
+    embeddings: Path = Path("data/embeddings"),
+    prompts: Path = Path("data/prompts/eval.parquet"),
+    base: Path = Path("models/base"),
+    plugins: Path | None = Path("models/plugins"),
+    out: Path = Path("metrics/eval"),
+    predictions: Path | None = None,
+    fresh: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The ``evaluate`` stage: check the command line's ``entry`` fields against params, then either validate a
+    user dataset (``index_only``: its index + quarantine list) or score ``method`` on ``benchmark``; prints a
+    summary and returns the index JSON or the metrics."""
+    check_entry(params, benchmark, entry or {})
+    if index_only:
+        doc = write_user_index(params, benchmark, out=Path(out), index_dir=Path(index_dir))
+        reasons = ", ".join(f"{n} {k}" for k, n in doc["reasons"].items()) or "-"
+        print(f"{benchmark}: {doc['valid']} valid, {doc['quarantined']} quarantined ({reasons}) -> "
+              f"{Path(out) / benchmark / 'index.json'}, {Path(index_dir) / benchmark}")
+        return doc
+    if method is None or predictions is None:
+        raise ValueError("evaluate: a method and a predictions folder are needed to score (or use index_only)")
+    if fresh:
+        shutil.rmtree(Path(predictions) / benchmark / f".{method}.partial", ignore_errors=True)
+    metrics = evaluate_benchmark(params, benchmark, method, embeddings=Path(embeddings), prompts=Path(prompts),
+                                 base=Path(base), plugins=plugins, out=Path(out), predictions=Path(predictions),
+                                 progress=progress)
+    print(f"{benchmark} / {method}:")
+    for ptype, vals in sorted(metrics.items()):
+        print(f"  {ptype:14s} " + "  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in vals.items()))
+    print(json.dumps({"benchmark": benchmark, "method": method, "out": str(Path(out) / benchmark / f"{method}.json")}))
+    return metrics
+
+
 def evaluate_with_predictor(
     params: Params,
     benchmark: str,
@@ -129,12 +173,13 @@ def evaluate_with_predictor(
         metrics, rows = run_coco_benchmark(params, entry, predictor, progress=progress)  # type: ignore[arg-type]
         table = pa.Table.from_pylist(rows)
     else:
-        fp = {**(fingerprint or {}), "benchmark": benchmark, "evaluate": params.to_dict()["evaluate"],
-              "prompts": params.to_dict()["prompts"] if kind == "folder" else None}
+        fp = {**(fingerprint or {}), "benchmark": benchmark, "evaluate": result_params(params),
+              "prompts": params.to_dict()["prompts"] if kind == "folder" else None,
+              "entry": entry, "index": params.to_dict()["index"] if kind == "folder" else None}
         if kind == "cache":
             if embeddings is None or prompts is None:
                 raise ValueError(f"{benchmark}: an HQ benchmark needs --embeddings and --prompts")
-            from pipeline.data.embeddings import read_cache_meta
+            from pipeline.data.embedding_format import read_cache_meta
 
             cache_meta = read_cache_meta(Path(embeddings))
             check_cache(cache_meta, sam, params.evaluate.postprocess, Path(embeddings), (fingerprint or {}).get("base"))
@@ -160,18 +205,13 @@ def evaluate_with_predictor(
     return metrics
 
 
-def resolve_benchmark(params: Params, benchmark: str) -> tuple[str, dict[str, Any] | None]:
-    """``("cache", None)`` for an HQ set, ``("coco", entry)`` / ``("folder", entry)`` for params entries."""
-    for entry in params.evaluate.coco:
-        if entry["name"] == benchmark:
-            return "coco", entry
-    for entry in params.evaluate.folders:
-        if entry["name"] == benchmark:
-            return "folder", entry
-    if benchmark in SETS_BY_NAME:
-        return "cache", None
-    known = [*params.data.eval_sets, *(e["name"] for e in params.evaluate.coco), *(e["name"] for e in params.evaluate.folders)]
-    raise ValueError(f"unknown benchmark {benchmark!r}; known: {', '.join(known)} (add COCO/folder sets to evaluate.coco / evaluate.folders)")
+RESULT_KEYS = ("postprocess", "boundary_dilation_ratio", "batch_size", "device")
+
+
+def result_params(params: Params) -> dict[str, Any]:
+    """The ``evaluate`` params that change a benchmark's scores (not the lists of benchmarks/methods/datasets)."""
+    ev = params.to_dict()["evaluate"]
+    return {k: ev[k] for k in RESULT_KEYS}
 
 
 # -------------------------------------------------------------------------------------- summarising
@@ -299,7 +339,7 @@ def check_cache(meta: dict[str, Any], sam: nn.Module, mode: str, root: Path, bas
 def _cache_items(params: Params, dataset: str, root: Path, prompts_path: Path, sam: nn.Module,
                  done: set[str]) -> Iterator[EvalItem]:
     """Eval views of ``dataset`` from the cache, in stored order, with their prompts (``done`` skipped)."""
-    from pipeline.data.embeddings import iter_views
+    from pipeline.data.embedding_reader import iter_views
 
     mode = params.evaluate.postprocess
     prompts = _load_prompts(prompts_path, dataset)
@@ -332,53 +372,26 @@ def _cache_items(params: Params, dataset: str, root: Path, prompts_path: Path, s
                          f"(e.g. {missing[0]!r}); re-run `dvc repro embed prompts`")
 
 
-# ------------------------------------------------------------------------------------ folder items
-def folder_pairs(entry: dict[str, Any]) -> list[tuple[str, Path, Path]]:
-    """(stem, image, mask) pairs of an ``evaluate.folders`` entry; an unmatched image is logged and skipped."""
-    images, masks, suffix = Path(entry["images"]), Path(entry["masks"]), str(entry["mask_suffix"])
-    for folder, key in ((images, "images"), (masks, "masks")):
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: folder not found (evaluate.folders[{entry['name']}].{key})")
-    pairs = []
-    for img in sorted(images.iterdir()):
-        if img.suffix.lower() not in _IMAGE_SUFFIXES or img.name.endswith(suffix) and images == masks:
-            continue
-        mask = masks / f"{img.stem}{suffix}"
-        if not mask.is_file():
-            log.warning("quarantined %s: no mask %s", img, mask.name)
-            continue
-        pairs.append((img.stem, img, mask))
-    if not pairs:
-        raise FileNotFoundError(f"{images}: no image with a matching '<stem>{suffix}' mask in {masks}")
-    return pairs
-
-
 def _folder_items(params: Params, entry: dict[str, Any], predictor: Predictor, done: set[str]) -> Iterator[EvalItem]:
-    """A user's image/mask folder: encoded on the fly, prompts from the prompts module's eval synthesis."""
-    from pipeline.data.images import DecodeError, load_image, load_mask
+    """A user's image/mask folder: its valid pairs (:func:`validate_folder`) encoded on the fly, prompts from
+    the prompts module's eval synthesis."""
+    from pipeline.data.images import load_image, load_mask
     from pipeline.prompts.synthesis import eval_prompts
 
     name = entry["name"]
-    pairs = folder_pairs(entry)
+    pairs = validate_folder(entry, params.index).rows
+    if not pairs:
+        raise EvaluationError(f"{name}: no valid image/mask pair in {entry['images']} / {entry['masks']} "
+                              "(see the quarantine warnings above)")
     if params.data.max_images_per_set:
         pairs = pairs[: params.data.max_images_per_set]
-    for stem, img_path, mask_path in pairs:
-        view = f"{name}/{stem}#0"
+    for row in pairs:
+        view = f"{row.sample_id}#0"
         if view in done:
             continue
-        try:
-            image = load_image(img_path)
-            gt = load_mask(mask_path, params.index.mask_threshold)
-        except (OSError, DecodeError, ValueError) as exc:
-            log.warning("quarantined %s: unreadable (%s)", img_path, exc)
-            continue
-        if image.shape[:2] != gt.shape:
-            log.warning("quarantined %s: image %s and mask %s differ in size", img_path, image.shape[:2], gt.shape)
-            continue
-        if gt.sum() < params.index.min_mask_pixels:
-            log.warning("quarantined %s: mask has fewer than %d pixels", mask_path, params.index.min_mask_pixels)
-            continue
-        prompts = [Prompt.from_row(r, where=str(mask_path)) for r in eval_prompts(view, gt, params.prompts)]
+        image = load_image(row.image_path)
+        gt = load_mask(row.mask_path, params.index.mask_threshold)
+        prompts = [Prompt.from_row(r, where=row.mask_path) for r in eval_prompts(view, gt, params.prompts)]
         predictor.set_image(image)
         yield EvalItem(view, predictor.get_image_embedding()[0], predictor.input_size, gt, prompts)  # type: ignore[arg-type]
 
@@ -389,8 +402,8 @@ __all__ = [
     "PartialResults",
     "evaluate_benchmark",
     "evaluate_with_predictor",
-    "folder_pairs",
     "check_cache",
-    "resolve_benchmark",
     "summarize",
+    "result_params",
+    "run_evaluate",
 ]

@@ -30,7 +30,7 @@ import torch
 from pipeline.common.atomic import atomic_write_json
 from pipeline.config import Params, replace
 from pipeline.evaluation import paper_numbers as paper
-from pipeline.evaluation.report import add_recovery, hq_benchmarks, hq_mean
+from pipeline.evaluation.aggregate import add_recovery, hq_benchmarks, hq_mean
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +94,14 @@ def _train_prompts(params: Params, variant: Variant, work: Path, embeddings: Pat
 
 def drp_gradients(params: Params, *, embeddings: Path, prompts: Path, base: Path, steps: int = 20) -> dict[str, Any]:
     """DRP's gradient norm at step 0 and after ``steps`` Adam steps on real batches of the train stage."""
-    from pipeline.data.embeddings import read_cache_meta
+    from pipeline.data.embedding_format import read_cache_meta
     from pipeline.modeling.backbones import load_base
     from pipeline.modeling.methods import build_method
     from pipeline.prompts.stage import model_frame
     from pipeline.prompts.tables import load_train_prompts
     from pipeline.training import ddp
-    from pipeline.training.train import BatchStream, batch_loss
+    from pipeline.training.batches import BatchStream
+    from pipeline.training.train import batch_loss
 
     sam, _ = load_base(base)
     torch.manual_seed(params.seed)
@@ -175,7 +176,7 @@ def dsp_offset_stats(base: Path, method: str, plugin: Path, embeddings: Path, ma
     from itertools import islice
 
     from pipeline.data import rle
-    from pipeline.data.embeddings import iter_views
+    from pipeline.data.embedding_reader import iter_views
     from pipeline.data.index import mask_box
     from pipeline.inference.predictor import Predictor
 
@@ -300,4 +301,14 @@ def recovery_plot(result: Mapping[str, Any], out_png: Path) -> Path:
     return save_figure(fig, out_png)
 
 
-__all__ = ["PROMPTS", "Variant", "drp_gradients", "dsp_offset_stats", "dsp_offsets_on", "markdown_table", "recovery_plot", "run_study", "run_variant", "variants"]
+def run_fidelity(params: Params, *, embeddings: Path, prompts: Path, base: Path, work: Path, out: Path, plot: Path,
+                 only: list[str] | None = None) -> dict[str, Any]:
+    """The fidelity study: :func:`run_study`, the recovery plot at ``plot``, the Markdown table on stdout."""
+    result = run_study(params, embeddings=embeddings, prompts=prompts, base=base, work=work, out=out, only=only)
+    recovery_plot(result, plot)
+    print("\n".join(markdown_table(result)))
+    print(f"DRP gradient norm: {result['drp']}")
+    return result
+
+
+__all__ = ["PROMPTS", "Variant", "drp_gradients", "dsp_offset_stats", "dsp_offsets_on", "markdown_table", "recovery_plot", "run_fidelity", "run_study", "run_variant", "variants"]

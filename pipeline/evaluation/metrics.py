@@ -1,4 +1,4 @@
-"""Mask metrics of the evaluation protocol (SPEC §5): mask IoU, Boundary IoU and our stability score.
+"""Mask metrics of the evaluation protocol (docs/METHOD.md §5): mask IoU, Boundary IoU and our stability score.
 
 Every metric works on boolean masks at the ORIGINAL image resolution. The single-mask functions take
 numpy ``bool HxW`` arrays; the ``*_many`` variants take a batch ``[N, H, W]`` (numpy or torch) against one
@@ -47,7 +47,7 @@ def _count(masks: torch.Tensor) -> np.ndarray:
 
 
 def _ratio(inter: np.ndarray, union: np.ndarray) -> np.ndarray:
-    """inter/union as float64, with an empty union counting as a perfect 1.0 (SPEC §5)."""
+    """inter/union as float64, with an empty union counting as a perfect 1.0 (docs/METHOD.md §5)."""
     inter = np.asarray(inter, dtype=np.float64)
     union = np.asarray(union, dtype=np.float64)
     return np.where(union > 0, inter / np.maximum(union, 1.0), 1.0)
@@ -183,7 +183,7 @@ def pairwise_iou(masks: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def stability(masks: Sequence[np.ndarray] | np.ndarray | torch.Tensor) -> float:
-    """OUR stability score (SPEC §5 ST, not the paper's unpublished formula), in percent.
+    """OUR stability score (docs/METHOD.md §5 ST, not the paper's unpublished formula), in percent.
 
     The mean IoU over all unordered pairs of the K masks predicted for one image and one prompt type
     (its K random draws), times 100; K = 1 gives 100.

@@ -1,7 +1,7 @@
 """The Stable-SAM paper's published numbers, as data, for the report to print beside ours.
 
 Source: Fan et al., "Stable Segment Anything Model", ICLR 2025 (arXiv 2311.15776) - the authors' README
-chart and the supplement's Tables 3, 5 and 6, as transcribed in docs/SPEC.md §6. Every number here is
+chart and the supplement's Tables 3, 5 and 6, as transcribed in docs/METHOD.md §6. Every number here is
 for SAM **ViT-L** trained/evaluated on **HQSeg-44K**, mIoU-type values in percent, averaged over the four
 HQ sets (DIS5K-VD, COIFT, HRSOD, ThinObject5K-TE). ``None`` = not published.
 
@@ -15,7 +15,7 @@ from typing import Mapping
 
 SOURCE = (
     "Fan et al., \"Stable Segment Anything Model\", ICLR 2025 (arXiv 2311.15776): authors' README chart "
-    "and supplement Tables 3, 5, 6 (transcribed in docs/SPEC.md §6)"
+    "and supplement Tables 3, 5, 6 (transcribed in docs/METHOD.md §6)"
 )
 SETTING = "SAM ViT-L, HQSeg-44K, mean over DIS5K-VD, COIFT, HRSOD, ThinObject5K-TE"
 

@@ -114,7 +114,7 @@ def stability_from_rles(rles: Sequence[dict[str, Any]]) -> float:
     iou = np.asarray(mask_utils.iou(list(rles), list(rles), [0] * k), dtype=np.float64).reshape(k, k)
     area = np.asarray(mask_utils.area(list(rles)), dtype=np.int64)
     empty = area == 0
-    iou[np.ix_(empty, empty)] = 1.0  # pycocotools returns 0 for an empty union; SPEC counts it as 1
+    iou[np.ix_(empty, empty)] = 1.0  # pycocotools returns 0 for an empty union; docs/METHOD.md §5 counts it as 1
     return float(iou[np.triu_indices(k, 1)].mean() * 100.0)
 
 

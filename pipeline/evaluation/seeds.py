@@ -16,6 +16,7 @@ Training and evaluation resume (``--resume auto`` checkpoints, partial evaluatio
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -24,8 +25,7 @@ import numpy as np
 
 from pipeline.common.atomic import atomic_write_json, finite_json
 from pipeline.config import Params, replace
-from pipeline.evaluation import paper_numbers as paper
-from pipeline.evaluation.report import add_recovery, hq_benchmarks, hq_mean, read_method_json
+from pipeline.evaluation.aggregate import add_recovery, hq_benchmarks, hq_mean, read_method_json
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,12 @@ def run_seeds(params: Params, *, embeddings: Path, prompts: Path, base: Path, ev
             samples[seed] = seed_sample(per_bench, baseline, base_name, hq_sets)
         result["methods"][method] = aggregate(samples)
     atomic_write_json(out, finite_json(result))
+    for method, block in result["methods"].items():
+        for prompt in ("noisy_box", "point_1"):
+            r = block.get(prompt, {}).get("recovery")
+            if r:
+                print(f"{method} R_{prompt}: {r['mean']:.3f} ± {r['std']:.3f} over {r['n']} seeds")
+    print(json.dumps({"out": str(out), "seeds": result["seeds"]}))
     return result
 
 

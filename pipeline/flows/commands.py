@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import yaml
 
 DEFAULT_REPRO = ("dvc", "repro", "{stage}")
-DEFAULT_EXP = ("dvc", "exp", "run")
+DEFAULT_EXP = ("dvc", "exp", "run", "--temp")  # a temporary folder: the workspace stays as it was
 _SEP = re.compile(rb"[\r\n]")
 
 

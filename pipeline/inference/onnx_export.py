@@ -20,8 +20,10 @@ in-place masked assignment); :func:`onnx_inputs` builds these inputs from a :cla
 """
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +32,9 @@ from torch import Tensor, nn
 from pipeline.inference.prompts import Prompt
 from pipeline.modeling.decoder import decode_with_alpha
 from pipeline.modeling.methods import PromptableDecoder
+
+if TYPE_CHECKING:
+    from pipeline.inference.predictor import Predictor
 
 INPUT_NAMES = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input")
 OUTPUT_NAMES = ("scores", "low_res_masks")
@@ -124,4 +129,53 @@ def export_onnx(decoder: PromptableDecoder, out: Path, *, multimask_output: bool
     return out
 
 
-__all__ = ["INPUT_NAMES", "OPSET", "OUTPUT_NAMES", "OnnxPromptDecoder", "export_onnx", "onnx_inputs"]
+def parity(predictor: "Predictor", path: Path) -> float:
+    """Largest |logit| difference between onnxruntime and PyTorch on a box and a 2-point prompt."""
+    import onnxruntime as ort  # noqa: PLC0415
+
+    from pipeline.inference.prompts import collate  # noqa: PLC0415
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    side = predictor.img_size
+    emb = torch.randn(predictor.model.prompt_encoder.embed_dim, *predictor.grid,
+                      generator=torch.Generator().manual_seed(0))
+    worst = 0.0
+    for prompt in (Prompt(box=[0.1 * side, 0.2 * side, 0.7 * side, 0.8 * side]),
+                   Prompt(points=[[0.4 * side, 0.5 * side], [0.1 * side, 0.1 * side]], point_labels=[1, 0])):
+        _scores, low = session.run(None, onnx_inputs(prompt, emb, 4 * predictor.grid[0]))
+        with torch.no_grad():
+            want = predictor.decode(emb[None].to(predictor.device), collate([prompt], predictor.device))
+        worst = max(worst, float(np.abs(low - want.low_res_logits.cpu().numpy()).max()))
+    return worst
+
+
+def run_export_onnx(method: str, out: Path, *, plugin: Path | None = None, base: Path = Path("models/base"),
+                    multimask: bool = False, tolerance: float = 1e-3) -> dict[str, Any]:
+    """The ``export_onnx`` command: export ``method`` (plugin default ``models/plugins/<method>.pt``) to ``out``.
+
+    The graph is written next to ``out`` first and checked in onnxruntime against PyTorch (single-mask
+    export only); ``out`` appears only when the largest logit difference is within ``tolerance``.
+    """
+    from pipeline.common.cli import StageError  # noqa: PLC0415
+    from pipeline.inference.predictor import Predictor  # noqa: PLC0415
+
+    out = Path(out)
+    plugin = Path(plugin) if plugin is not None else Path("models/plugins") / f"{method}.pt"
+    predictor = Predictor.from_pretrained(base, method, plugin if plugin.is_file() else None, device="cpu")
+    staged = out.with_name(f".{out.name}.check.onnx")
+    try:
+        export_onnx(predictor.decoder, staged, multimask_output=multimask)
+        diff = parity(predictor, staged) if not multimask else float("nan")
+        if diff > tolerance:
+            raise StageError(f"{out}: onnxruntime and PyTorch differ by {diff:.2e} > --tolerance {tolerance}; "
+                             "not written (check the opset and the method's ops, or raise --tolerance)")
+        staged.replace(out)
+    finally:
+        staged.unlink(missing_ok=True)
+    summary = {"method": method, "out": str(out), "bytes": out.stat().st_size, "max_abs_logit_diff_vs_torch": diff}
+    print(json.dumps(summary))
+    return summary
+
+
+__all__ = ["INPUT_NAMES", "OPSET", "OUTPUT_NAMES", "OnnxPromptDecoder", "export_onnx", "onnx_inputs", "parity",
+           "run_export_onnx"]

@@ -1,6 +1,6 @@
 """Registry of frozen SAM backbones (segment-anything style: one builder per variant, one shared builder).
 
-``vit_b`` / ``vit_l`` / ``vit_h`` are Meta's official checkpoints (SPEC §4.2, URL, size and sha256 below);
+``vit_b`` / ``vit_l`` / ``vit_h`` are Meta's official checkpoints (docs/METHOD.md §4.2, URL, size and sha256 below);
 ``tiny`` is the embedded default: a SAM with the *unchanged* ``PromptEncoder`` and ``MaskDecoder`` over a
 small convolutional encoder (pipeline/modeling/tiny_encoder.py), pre-trained by
 ``python -m stages.pretrain_base`` and shipped as ``assets/tiny_sam.pt``. Every variant is loaded through
@@ -21,6 +21,7 @@ from torch import nn
 from pipeline.common.cli import StageError
 from pipeline import PROJECT_ROOT
 from pipeline.common.hashing import sha256_file
+from pipeline.common.torch_files import load_error_reason
 from pipeline.modeling.tiny_encoder import TinyConvEncoder
 
 PROMPT_EMBED_DIM = 256
@@ -136,7 +137,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors of a truncated, foreign or random file
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {str(exc)[:200]}); "
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({load_error_reason(exc)}); "
                          "delete it and run `dvc repro base`, or fix sam.checkpoint_url") from None
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
@@ -178,7 +179,10 @@ def load_base(base_dir: Path) -> tuple[Sam, dict[str, Any]]:
     info_path = base_dir / "base.json"
     if not info_path.is_file():
         raise FileNotFoundError(f"{info_path}: no base model here (run `dvc repro base`)")
-    info = json.loads(info_path.read_text())
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSON or UTF-8 decoding
+        raise ValueError(f"{info_path}: not a base description ({exc}); re-run `dvc repro base`") from None
     ckpt = base_dir / "sam.pt"
     verify_checkpoint(ckpt, info["checkpoint_sha256"])
     sam = build_sam(info["variant"], ckpt, img_size=info["img_size"], grid=info["grid"])

@@ -1,4 +1,4 @@
-"""Batched SAM mask decoding: B image embeddings with one prompt each (SPEC §2.5).
+"""Batched SAM mask decoding: B image embeddings with one prompt each (docs/METHOD.md §2.5).
 
 SAM's ``MaskDecoder.predict_masks`` repeats ONE image embedding for every prompt. Training needs B
 different embeddings with one prompt each; evaluation needs one embedding with many prompts, which is

@@ -1,4 +1,4 @@
-"""Dynamic Routing Plugin (DRP), Stable-SAM SPEC §2.3.
+"""Dynamic Routing Plugin (DRP), Stable-SAM, docs/METHOD.md §2.3.
 
 From one output token of layer 2's self-attention, DRP predicts the mixing weights α = (α1, α2) of the
 deformed features (DSP) and the original grid features:

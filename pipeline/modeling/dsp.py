@@ -1,4 +1,4 @@
-"""Deformable Sampling Plugin (DSP), Stable-SAM SPEC §2.2.
+"""Deformable Sampling Plugin (DSP), Stable-SAM, docs/METHOD.md §2.2.
 
 DSP re-samples the image features entering layer 2 of SAM's mask-decoder transformer at learned,
 shifted locations, so that the token-to-image attention can look at the object instead of the

@@ -1,4 +1,4 @@
-"""Registry of promptable decoders: Stable-SAM, its ablations and the baselines (SPEC §2.6).
+"""Registry of promptable decoders: Stable-SAM, its ablations and the baselines (docs/METHOD.md §2.6).
 
 Every method is a :class:`PromptableDecoder` over a frozen SAM's prompt encoder and mask decoder, run on
 cached image embeddings, with the same forward/checkpoint interface for training and evaluation:

@@ -1,4 +1,4 @@
-"""SAM's two-way transformer with Stable-SAM's plugins in layer 2 (SPEC §2.1).
+"""SAM's two-way transformer with Stable-SAM's plugins in layer 2 (docs/METHOD.md §2.1).
 
 Inside ``transformer.layers[1]`` only the token-to-image cross-attention changes: its keys are
 ``x' + key_pe`` and its values ``x'`` with

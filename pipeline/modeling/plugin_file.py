@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import torch
 
 from pipeline.common.atomic import atomic_path
+from pipeline.common.torch_files import load_error_reason
 
 REQUIRED_KEYS = ("method", "state_dict")
 
@@ -42,7 +43,7 @@ def read_plugin_file(path: Path, method: str | None = None, base_sha256: str | N
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors of a truncated or foreign file
-        raise PluginFileError(f"{path}: not a readable plugin file ({type(exc).__name__}: {str(exc)[:200]}); "
+        raise PluginFileError(f"{path}: not a readable plugin file ({load_error_reason(exc)}); "
                               "re-run training or pass the right --plugin") from None
     if not isinstance(obj, dict) or any(k not in obj for k in REQUIRED_KEYS):
         raise PluginFileError(f"{path}: not a plugin file (expected a dict with keys method, state_dict, config, "

@@ -1,4 +1,4 @@
-"""Box prompts: the tight GT box and the noisy box of SPEC §3.
+"""Box prompts: the tight GT box and the noisy box of docs/METHOD.md §3.
 
 Boxes are ``[x_min, y_min, x_max, y_max]`` float pixel coordinates with INCLUSIVE maxima (torchvision
 ``masks_to_boxes``), so a box covers the pixel area ``[x_min, x_max + 1) x [y_min, y_max + 1)``; the IoU
@@ -76,7 +76,7 @@ def noisy_box(
     rng: np.random.Generator,
     max_tries: int = NOISY_BOX_MAX_TRIES,
 ) -> NoisyBox:
-    """SPEC §3 noisy box: :func:`jitter_box`, clip to the image, RESAMPLE until IoU(noisy, GT) >= min_iou.
+    """docs/METHOD.md §3 noisy box: :func:`jitter_box`, clip to the image, RESAMPLE until IoU(noisy, GT) >= min_iou.
 
     With scale 0.4 and min_iou 0.5 a candidate is accepted with high probability, so ``max_tries`` is a
     safety bound, not a tuning knob. Fallback (documented, counted by the stage): if no candidate of

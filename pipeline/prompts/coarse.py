@@ -1,4 +1,4 @@
-"""Coarse-mask prompts: HQ-SAM's ``masks_noise`` (SPEC §3).
+"""Coarse-mask prompts: HQ-SAM's ``masks_noise`` (docs/METHOD.md §3).
 
 On the soft GT at the low-res mask-input grid (``4g x 4g``, the padded model-input frame), the
 "incoherent" band is where the GT differs from its 1/8-down-then-up bilinear reconstruction by at least

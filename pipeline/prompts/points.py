@@ -18,7 +18,7 @@ def sample_positive_points(fg: np.ndarray, width: int, k: int, rng: np.random.Ge
     """``k`` points drawn uniformly from the foreground, float32 ``[k, 2]`` (x, y).
 
     ``fg`` = :func:`foreground_index` of the mask (width = mask width). Distinct pixels when the mask has
-    at least ``k`` of them, otherwise drawn with replacement. No negative points (SPEC §3).
+    at least ``k`` of them, otherwise drawn with replacement. No negative points (docs/METHOD.md §3).
     """
     if fg.size == 0:
         raise ValueError("empty mask: no positive point (the view should have been quarantined)")

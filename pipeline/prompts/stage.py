@@ -91,7 +91,7 @@ def _process_shard(shard: Path, split: str, params: Params, frame: ModelFrame, s
 
 def make_prompts(params: Params, embeddings: Path, out: Path) -> dict[str, Any]:
     """Write ``out/{train,eval,quarantine}.parquet`` + ``out/summary.json``; returns the summary."""
-    from pipeline.data.embeddings import read_cache_meta  # the cache's contract (pipeline/data/embeddings.py)
+    from pipeline.data.embedding_format import read_cache_meta  # the cache's contract (pipeline/data/embedding_format.py)
 
     embeddings, out = Path(embeddings), Path(out)
     meta = read_cache_meta(embeddings)
@@ -141,4 +141,11 @@ def make_prompts(params: Params, embeddings: Path, out: Path) -> dict[str, Any]:
                     stats.noisy_box_fallbacks, params.prompts.noisy_box_min_iou)
     atomic_write_json(out / "summary.json", summary)
     shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+def run_prompts(params: Params, embeddings: Path, out: Path) -> dict[str, Any]:
+    """The ``prompts`` stage: :func:`make_prompts` from the cache at ``embeddings`` into ``out``; prints the summary."""
+    summary = make_prompts(params, Path(embeddings), Path(out))
+    print(json.dumps(summary, indent=2, sort_keys=True))
     return summary

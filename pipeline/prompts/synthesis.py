@@ -1,4 +1,4 @@
-"""Prompt rows for one view: the training mix (SPEC §3) and the fixed evaluation draws (SPEC §5).
+"""Prompt rows for one view: the training mix (docs/METHOD.md §3) and the fixed evaluation draws (docs/METHOD.md §5).
 
 Every row is a plain dict with the columns of ``data/prompts/{train,eval}.parquet`` (docs/ARCHITECTURE.md):
 boxes and points in the VIEW image's pixel frame; the coarse mask as COCO RLE at ``4g x 4g`` in the

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 from pipeline.common.atomic import atomic_path, atomic_write_json, atomic_write_text
+from pipeline.config import Params
 
 Mode = Literal["runs", "aliases"]
 
@@ -125,4 +126,22 @@ def write(comp: Comparison, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-__all__ = ["Comparison", "Row", "bar_chart", "gather", "to_markdown", "write"]
+def run_compare(params: Params, params_dir: Path, out: Path, *, experiment: str | None = None, mode: Mode = "runs",
+                last: int = 5, metrics: Sequence[str] | None = None) -> dict[str, Path]:
+    """The ``compare`` command: gather runs from ``params.tracking``'s store, write ``out``, print the table.
+
+    ``params_dir`` is the folder of the params file (a relative tracking URI is resolved against it).
+    """
+    from pipeline.tracking.mlflow_adapter import Tracker, resolve_tracking_uri  # noqa: PLC0415 (mlflow is slow)
+
+    cfg = params.tracking
+    tracker = Tracker(resolve_tracking_uri(cfg.tracking_uri, Path(params_dir)), experiment or cfg.experiment)
+    comp = gather(tracker, list(metrics or cfg.headline_metrics), mode=mode, last=last,
+                  registered_model=cfg.registered_model)
+    paths = write(comp, Path(out))
+    print(to_markdown(comp))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return paths
+
+
+__all__ = ["Comparison", "Row", "bar_chart", "gather", "run_compare", "to_markdown", "write"]

@@ -193,4 +193,13 @@ def track_pipeline(params: Params, outputs: PipelineOutputs, *, tracker: Optiona
     return result
 
 
-__all__ = ["TrackResult", "default_model_builder", "registered_method", "track_pipeline"]
+def run_track(params: Params, outputs: PipelineOutputs, *, exp_name: Optional[str] = None,
+              out_json: Optional[Path] = None) -> TrackResult:
+    """The ``track`` stage: :func:`track_pipeline` with the default tracker; prints the result's fields."""
+    result = track_pipeline(params, outputs, exp_name=exp_name, out_json=out_json)
+    for key, value in asdict(result).items():
+        print(f"{key}: {value}")
+    return result
+
+
+__all__ = ["TrackResult", "default_model_builder", "registered_method", "run_track", "track_pipeline"]

@@ -14,9 +14,16 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from pipeline.common.atomic import atomic_path
+from pipeline.common.torch_files import load_error_reason
+from pipeline.common.atomic import atomic_write_torch
+from pipeline.common.cli import StageError
 
 CKPT_VERSION = 1
+
+
+class CheckpointError(StageError):
+    """A resume checkpoint that cannot be used (unreadable, foreign, another version); the message names the
+    file and the fix."""
 
 
 def capture_rng() -> dict[str, Any]:
@@ -56,17 +63,20 @@ def _cpu(obj: Any) -> Any:
 
 
 def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
-    """Atomically ``torch.save`` a resume checkpoint (tensors moved to the CPU)."""
-    with atomic_path(path) as tmp:
-        torch.save({"version": CKPT_VERSION, **_cpu(dict(payload))}, tmp)
+    """Atomically ``torch.save`` a resume checkpoint (tensors moved to the CPU); the same state always gives
+    the same bytes, whatever the file's name."""
+    atomic_write_torch(path, {"version": CKPT_VERSION, **_cpu(dict(payload))})
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a resume checkpoint (``weights_only=True``); a foreign or broken file fails naming the fix."""
+    """Read a resume checkpoint (``weights_only=True``); a foreign or broken file raises
+    :class:`CheckpointError` naming it and the fix."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise RuntimeError(f"{path}: unreadable training checkpoint ({exc}); delete it to start over") from None
+    except Exception as exc:  # pickle/zip errors of a truncated, foreign or random file
+        raise CheckpointError(f"{path}: unreadable training checkpoint ({load_error_reason(exc)}); "
+                              "delete it to start over, or run without --resume") from None
     if not isinstance(ckpt, dict) or ckpt.get("version") != CKPT_VERSION:
-        raise RuntimeError(f"{path}: not a version-{CKPT_VERSION} training checkpoint; delete it to start over")
+        raise CheckpointError(f"{path}: not a version-{CKPT_VERSION} training checkpoint; delete it to start over, "
+                              "or run without --resume")
     return ckpt

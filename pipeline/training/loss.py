@@ -1,4 +1,4 @@
-"""Mask loss: point-sampled BCE + Dice, 1:1 (SPEC §3, HQ-SAM's ``loss_masks``).
+"""Mask loss: point-sampled BCE + Dice, 1:1 (docs/METHOD.md §3, HQ-SAM's ``loss_masks``).
 
 The low-res logits ``[B, 1, 4g, 4g]`` are compared with the soft GT at the model-input resolution
 ``[B, 1, S, S]`` (S = img_size; ``transforms.mask_to_input_frame(mask, S, S)``) at ``num_points`` points

@@ -30,8 +30,10 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from tqdm import tqdm
 
-from pipeline.common.atomic import atomic_path, atomic_write_json
-from pipeline.config import BasePretrainConfig, GenerateConfig, PromptsConfig
+from pipeline.common.atomic import atomic_write_json, atomic_write_torch
+from pipeline.common.cli import StageError
+from pipeline.common.torch_files import load_error_reason
+from pipeline.config import BasePretrainConfig, GenerateConfig, Params, PromptsConfig
 from pipeline.data.synthetic import generate_sample
 from pipeline.inference.prompts import Prompt, collate
 from pipeline.evaluation.metrics import mask_iou_pairs
@@ -142,8 +144,8 @@ def hard_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def quick_eval(sam: Sam, pool: Pool, batch: int = 16) -> dict[str, float]:
-    """mIoU (low-res, input frame) of the single-mask output for GT box, noisy box (SPEC noise 0.4, IoU >= 0.5),
-    one and three points."""
+    """mIoU (low-res, input frame) of the single-mask output for GT box, noisy box (docs/METHOD.md §3: noise 0.4,
+    IoU >= 0.5), one and three points."""
     sam.eval()
     gen = torch.Generator().manual_seed(123)
     rng = np.random.default_rng(123)
@@ -193,12 +195,16 @@ def pretrain(cfg: BasePretrainConfig, gen_cfg: GenerateConfig, prompts_cfg: Prom
     step, history = 0, []
     gen = torch.Generator().manual_seed(cfg.seed)
     if resume and state_path.is_file():
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
-        sam.load_state_dict(st["model"])
-        opt.load_state_dict(st["optim"])
-        gen.set_state(st["gen"])
-        torch.set_rng_state(st["torch_rng"])
-        step, history = int(st["step"]), json.loads(st["history"])
+        try:
+            st = torch.load(state_path, map_location="cpu", weights_only=True)
+            sam.load_state_dict(st["model"])
+            opt.load_state_dict(st["optim"])
+            gen.set_state(st["gen"])
+            torch.set_rng_state(st["torch_rng"])
+            step, history = int(st["step"]), json.loads(st["history"])
+        except Exception as exc:  # noqa: BLE001 - any unreadable or foreign state file gets the same advice
+            raise StageError(f"{state_path}: unreadable pre-training state ({load_error_reason(exc)}); delete it to "
+                             "start pre-training over, or run without resume") from None
         print(f"resumed pre-training at step {step}")
     box_only_steps = int(0.25 * cfg.steps)
     t0 = time.time()
@@ -277,8 +283,23 @@ def _repad(images: torch.Tensor, targets: torch.Tensor, hi: torch.Tensor) -> tup
 
 def _save(sam: Sam, opt: torch.optim.Optimizer, gen: torch.Generator, step: int, history: list, out: Path,
           state_path: Path) -> None:
-    with atomic_path(out) as tmp:
-        torch.save(sam.state_dict(), tmp)
-    with atomic_path(state_path) as tmp:
-        torch.save({"model": sam.state_dict(), "optim": opt.state_dict(), "gen": gen.get_state(),
-                    "torch_rng": torch.get_rng_state(), "step": step, "history": json.dumps(history)}, tmp)
+    atomic_write_torch(out, sam.state_dict())  # in-memory save: the same weights give the same bytes
+    atomic_write_torch(state_path, {"model": sam.state_dict(), "optim": opt.state_dict(), "gen": gen.get_state(),
+                                    "torch_rng": torch.get_rng_state(), "step": step,
+                                    "history": json.dumps(history)})
+
+
+def run_pretrain_base(params: Params, out: Path, *, steps: int | None = None, resume: bool = True,
+                      threads: int = 0) -> dict:
+    """Regenerate the tiny base at ``out`` (``steps`` overrides ``base_pretrain.steps``); prints its sha256."""
+    from pipeline.common.hashing import sha256_file  # noqa: PLC0415
+    from pipeline.config import replace  # noqa: PLC0415
+
+    if threads:
+        torch.set_num_threads(threads)
+    if steps:
+        params = replace(params, **{"base_pretrain.steps": steps})
+    report = pretrain(params.base_pretrain, params.generate, params.prompts, Path(out), resume=resume)
+    print(json.dumps(report["holdout_miou_lowres"], indent=2))
+    print(f"{out}: sha256 {sha256_file(out)} (put it in pipeline/modeling/backbones.py TINY_SHA256)")
+    return report

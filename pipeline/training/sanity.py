@@ -19,7 +19,7 @@ import torch
 
 from pipeline.config import Params
 from pipeline.data import rle
-from pipeline.data.embeddings import iter_views
+from pipeline.data.embedding_reader import iter_views
 from pipeline.evaluation.metrics import mask_iou_many
 from pipeline.inference.predictor import Predictor
 from pipeline.inference.prompts import Prompt, collate, group_by_signature

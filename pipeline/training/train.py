@@ -1,4 +1,4 @@
-"""Stage ``train``: train one method's plugin on cached frozen-SAM embeddings (SPEC §3).
+"""Stage ``train``: train one method's plugin on cached frozen-SAM embeddings (docs/METHOD.md §3).
 
 Adam over ``method.trainable_parameters()`` only (SAM stays frozen and is checksummed before/after);
 total batch ``train.batch_size`` split over DDP ranks; ``train.max_steps`` or ``train.epochs`` worth of
@@ -19,35 +19,33 @@ Single process by default; DDP when launched by torchrun (see pipeline.training.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
+import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
 from pipeline.common.hashing import sha256_file
 from pipeline.common.atomic import atomic_path, atomic_write_json, atomic_write_text
 from pipeline.config import Params
-from pipeline.data import rle
 from pipeline.common.cli import StageError
-from pipeline.data.embeddings import EmbeddingDataset, StaleCacheError, read_cache_meta
+from pipeline.data.embedding_format import StaleCacheError, read_cache_meta
 from pipeline.inference.predictor import Predictor
-from pipeline.inference.prompts import Prompt, collate, group_by_signature
+from pipeline.inference.prompts import collate, group_by_signature
 from pipeline.modeling.backbones import load_base
 from pipeline.modeling.methods import PromptableDecoder, build_method
 from pipeline.modeling.plugin_file import save_plugin_file
-from pipeline.modeling.transforms import mask_to_input_frame
 from pipeline.prompts.seeding import int_seed
 from pipeline.prompts.stage import model_frame
-from pipeline.prompts.synthesis import ModelFrame
-from pipeline.prompts.tables import TrainRow, load_train_prompts, read_meta
+from pipeline.prompts.tables import load_train_prompts, read_meta
 from pipeline.training import ddp
+from pipeline.training.batches import BatchStream, Sample
 from pipeline.training.checkpointing import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from pipeline.training.loss import mask_loss
 from pipeline.training.sanity import SANITY_TYPES, sanity_iou, sanity_views
@@ -56,102 +54,6 @@ log = logging.getLogger(__name__)
 
 # Keys that may change between a checkpoint and its resumption without changing the result.
 RESUME_FREE_KEYS = {"checkpoint_every", "max_steps", "epochs", "device", "num_workers", "methods"}
-
-
-# ----------------------------------------------------------------------------------------- samples
-@dataclass
-class Sample:
-    """One training row, ready for the model: embedding, soft target, prompt in the model-input frame."""
-
-    view_id: str
-    epoch: int
-    embedding: torch.Tensor  # float32 [C, g, g]
-    target: torch.Tensor  # float32 [S, S] soft GT in the padded model-input frame
-    prompt: Prompt | None  # model-input frame; None: no stored prompt for this view (skipped, counted)
-
-
-class TrainSamples(IterableDataset):
-    """Wraps one epoch of :class:`EmbeddingDataset`: decodes the GT, builds the target and the prompt.
-
-    Runs inside DataLoader workers when ``train.num_workers > 0`` (the embedding reader splits the
-    stream across workers itself).
-    """
-
-    def __init__(self, rows: EmbeddingDataset, prompts: dict[str, list[TrainRow]], frame: ModelFrame,
-                 epoch: int, mask_logits: tuple[float, float]) -> None:
-        super().__init__()
-        self.rows, self.prompts, self.frame, self.epoch, self.mask_logits = rows, prompts, frame, epoch, mask_logits
-
-    def __iter__(self) -> Iterator[Sample]:
-        for row in self.rows:
-            yield make_sample(row, self.prompts, self.frame, self.epoch, self.mask_logits)
-
-
-def make_sample(row: dict[str, Any], prompts: dict[str, list[TrainRow]], frame: ModelFrame, epoch: int,
-                mask_logits: tuple[float, float]) -> Sample:
-    """An embedding-cache row -> :class:`Sample` (prompt draw ``epoch mod n``, in the model-input frame)."""
-    vid = row["view_id"]
-    hw = (int(row["height"]), int(row["width"]))
-    mask = rle.decode(row["mask_rle"], *hw)
-    target = mask_to_input_frame(mask, frame.img_size, frame.img_size, frame.mode)
-    draws = prompts.get(vid)
-    prompt = None
-    if draws:
-        stored = Prompt.from_row(draws[epoch % len(draws)], mask_logits=mask_logits, lowres_side=frame.lowres_side)
-        prompt = stored.in_input_frame(hw, frame.img_size, frame.mode)
-    return Sample(vid, epoch, row["embedding"], target, prompt)
-
-
-def _collate(batch: list[Sample]) -> list[Sample]:
-    return batch
-
-
-class BatchStream:
-    """Endless local batches over chained epochs, with an exact, resumable position (epoch, batch).
-
-    Every epoch yields ``min_rank_rows // local_batch`` full batches on every rank (the reader's
-    recommendation), so ranks stay in step and the last partial batch is dropped.
-    """
-
-    def __init__(self, params: Params, embeddings: Path, prompts: dict[str, list[TrainRow]], frame: ModelFrame,
-                 ctx: ddp.DistContext, local_batch: int, epoch: int = 0, batch: int = 0) -> None:
-        self.params, self.embeddings, self.prompts, self.frame = params, embeddings, prompts, frame
-        self.ctx, self.local_batch = ctx, local_batch
-        self.epoch, self.batch = epoch, batch
-
-    def _dataset(self, epoch: int) -> EmbeddingDataset:
-        cfg = self.params.train
-        return EmbeddingDataset(self.embeddings, "train", shuffle_buffer=cfg.shuffle_buffer, seed=self.params.seed,
-                                rank=self.ctx.rank, world_size=self.ctx.world_size, epoch=epoch,
-                                partition=cfg.ddp_partition, batch_size=self.local_batch)
-
-    def batches_per_epoch(self, epoch: int = 0) -> int:
-        return self._dataset(epoch).min_rank_rows() // self.local_batch
-
-    def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch}
-
-    def __iter__(self) -> Iterator[list[Sample]]:
-        mask_logits = tuple(self.params.prompts.coarse_mask_logits)
-        while True:
-            rows = self._dataset(self.epoch)
-            n = rows.min_rank_rows() // self.local_batch
-            if n == 0:
-                raise ValueError(f"{self.embeddings}: {rows.min_rank_rows()} training views per rank, fewer than one "
-                                 f"local batch of {self.local_batch}; lower train.batch_size")
-            workers = self.params.train.num_workers
-            samples = TrainSamples(rows, self.prompts, self.frame, self.epoch, mask_logits)  # type: ignore[arg-type]
-            loader = DataLoader(samples, batch_size=self.local_batch, drop_last=True, collate_fn=_collate,
-                                num_workers=workers, persistent_workers=False)
-            it = iter(loader)
-            for _ in range(self.batch):  # resumed mid-epoch: replay (and drop) the batches already trained on
-                next(it)
-            while self.batch < n:
-                batch = next(it)
-                self.batch += 1
-                yield batch
-            del it, loader
-            self.epoch, self.batch = self.epoch + 1, 0
 
 
 # ------------------------------------------------------------------------------------------- steps
@@ -466,4 +368,14 @@ def _train(params: Params, method: str, ctx: ddp.DistContext, *, embeddings: Pat
         atomic_write_json(metrics_path, result)
         _write_loss_outputs(history, plots / f"{method}_loss.csv", plots / f"{method}_loss.png", method)
     ddp.barrier(ctx)
+    return result
+
+
+def run_train(params: Params, method: str, *, embeddings: Path, prompts: Path, base: Path, out: Path, metrics: Path,
+              plots: Path, resume: bool | str = False, checkpoints: Path | None = None) -> dict[str, Any]:
+    """The ``train`` stage: :func:`train` one method; rank 0 prints the metrics (DDP ranks share the work)."""
+    result = train(params, method, embeddings=embeddings, prompts=prompts, base=base, out=out, metrics=metrics,
+                   plots=plots, resume=resume, checkpoints=checkpoints)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result, indent=2, sort_keys=True))
     return result

@@ -1,31 +1,18 @@
-"""The frozen-SAM embedding cache: Parquet shard format, metadata checks and the streaming readers.
-
-Layout (written by :mod:`pipeline.data.embed`)::
-
-    <root>/<dataset>/<split>/part-NNNNN.parquet   one shard = a fixed chunk of views
-    <root>/CACHE.json                             metadata + shard list, written last (= the cache is complete)
-
-A shard has the columns of :data:`SHARD_FIELDS`; ``embedding`` is ``fixed_size_binary(C*g*g*2)`` holding
-the raw fp16 ``[C, g, g]`` array (C-contiguous), uncompressed, in row groups of ``embed.row_group_size``
-rows (CONVENTIONS: this reads several times faster than a tensor extension type). The schema metadata
-key ``b"stable_sam"`` holds JSON: :class:`CacheMeta`'s fields plus the shard's ``views_sha256`` (a hash of
-the views rows it encodes), ``dataset``, ``split``, ``shard`` and ``rows``.
-
-Readers only trust ``CACHE.json``: a cache whose embed run has not finished is never read.
+"""Reading the frozen-SAM embedding cache (format: :mod:`pipeline.data.embedding_format`).
 
 - :class:`EmbeddingDataset` streams row groups in a (seed, epoch)-shuffled order through a bounded
   shuffle buffer, split across DDP ranks and DataLoader workers without overlap (see its docstring for
   the exact guarantees).
 - :func:`iter_views` reads in stored order (evaluation); :func:`load_embedding_rows` fetches given views.
+
+Only caches whose ``CACHE.json`` exists (the embed stage finished) are read.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import random
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -35,240 +22,11 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.common.cli import StageError
-
-META_KEY = b"stable_sam"
-FORMAT_VERSION = 1
-PREPROCESSING = "sam-resize-longest-pil-pad"  # = SamPredictor.set_image (pipeline.modeling.transforms)
-DTYPE = "float16"
-CACHE_FILE = "CACHE.json"
-SCALAR_COLUMNS = ("view_id", "sample_id", "dataset", "split", "height", "width", "input_h", "input_w", "mask_rle")
+from pipeline.data.embedding_format import (
+    SCALAR_COLUMNS, CacheMeta, IncompleteCacheError, StaleCacheError, decoded_embeddings, read_cache_meta,
+)
 
 
-class StaleCacheError(StageError):
-    """An existing cache that does not belong to the current base model / preprocessing / views."""
-
-
-class IncompleteCacheError(FileNotFoundError):
-    """A cache folder without ``CACHE.json``: the embed stage has not finished there."""
-
-
-@dataclass(frozen=True)
-class CacheMeta:
-    """What an embedding is a function of, besides the view itself (stored in every shard and CACHE.json)."""
-
-    variant: str
-    checkpoint_sha256: str
-    img_size: int
-    grid: int
-    channels: int
-    preprocessing: str = PREPROCESSING
-    dtype: str = DTYPE
-    format_version: int = FORMAT_VERSION
-
-    @classmethod
-    def from_info(cls, info: Mapping[str, Any]) -> "CacheMeta":
-        """From a base model's ``info`` dict (``load_base``): variant, checkpoint_sha256, img_size, grid, channels."""
-        return cls(variant=str(info["variant"]), checkpoint_sha256=str(info["checkpoint_sha256"]),
-                   img_size=int(info["img_size"]), grid=int(info["grid"]), channels=int(info["channels"]))
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CacheMeta":
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def row_bytes(self) -> int:
-        """Bytes of one fp16 embedding."""
-        return self.channels * self.grid * self.grid * 2
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.channels, self.grid, self.grid)
-
-    def differences(self, other: "CacheMeta") -> list[str]:
-        """Human-readable list of fields where ``other`` (found on disk) differs from ``self`` (wanted)."""
-        out = []
-        for f in fields(self):
-            a, b = getattr(self, f.name), getattr(other, f.name)
-            if a != b:
-                if f.name == "checkpoint_sha256":
-                    out.append(f"were made by checkpoint {str(b)[:12]}..., the base is {str(a)[:12]}...")
-                else:
-                    out.append(f"have {f.name}={b!r}, the current run needs {a!r}")
-        return out
-
-
-def shard_schema(meta: CacheMeta, extra: Mapping[str, Any]) -> pa.Schema:
-    """The shard schema, with ``meta`` + ``extra`` (views_sha256, dataset, split, shard, rows) as metadata."""
-    payload = {**meta.as_dict(), **extra}
-    return pa.schema(
-        [
-            pa.field("view_id", pa.string(), nullable=False),
-            pa.field("sample_id", pa.string(), nullable=False),
-            pa.field("dataset", pa.string(), nullable=False),
-            pa.field("split", pa.string(), nullable=False),
-            pa.field("height", pa.int32(), nullable=False),
-            pa.field("width", pa.int32(), nullable=False),
-            pa.field("input_h", pa.int32(), nullable=False),
-            pa.field("input_w", pa.int32(), nullable=False),
-            pa.field("mask_rle", pa.string(), nullable=False),
-            pa.field("embedding", pa.binary(meta.row_bytes), nullable=False),
-        ],
-        metadata={META_KEY: json.dumps(payload, sort_keys=True).encode()},
-    )
-
-
-def shard_path(root: str | os.PathLike[str], dataset: str, split: str, index: int) -> Path:
-    """``<root>/<dataset>/<split>/part-NNNNN.parquet``."""
-    return Path(root) / dataset / split / f"part-{index:05d}.parquet"
-
-
-def write_shard(
-    path: str | os.PathLike[str],
-    columns: Mapping[str, Sequence[Any]],
-    embeddings: np.ndarray,
-    meta: CacheMeta,
-    extra: Mapping[str, Any],
-    row_group_size: int,
-) -> int:
-    """Write one shard to ``path`` (the caller makes it atomic): scalar ``columns`` + fp16 ``[N, C, g, g]``.
-
-    Returns the file size in bytes.
-    """
-    if embeddings.dtype != np.float16 or tuple(embeddings.shape[1:]) != meta.shape:
-        raise ValueError(f"embeddings must be float16 [N, {meta.shape}], got {embeddings.dtype} {embeddings.shape}")
-    n = embeddings.shape[0]
-    schema = shard_schema(meta, extra)
-    arrays = [pa.array(columns[name], type=schema.field(name).type) for name in SCALAR_COLUMNS]
-    flat = np.ascontiguousarray(embeddings).reshape(-1).view(np.uint8)
-    emb = pa.FixedSizeBinaryArray.from_buffers(pa.binary(meta.row_bytes), n, [None, pa.py_buffer(flat)])
-    table = pa.Table.from_arrays(arrays + [emb], schema=schema)
-    with pq.ParquetWriter(
-        str(path), schema, compression="none", use_dictionary=["dataset", "split", "sample_id"],
-        write_statistics=["view_id", "sample_id", "dataset", "split"],
-        data_page_size=max(1 << 20, row_group_size * meta.row_bytes),
-    ) as writer:
-        writer.write_table(table, row_group_size=row_group_size)
-    return Path(path).stat().st_size
-
-
-def read_shard_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``stable_sam`` metadata of one shard (without reading its data)."""
-    try:
-        schema = pq.read_schema(str(path))
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise StaleCacheError(f"{path}: unreadable shard ({exc}); delete it and re-run `dvc repro embed`") from None
-    raw = (schema.metadata or {}).get(META_KEY)
-    if raw is None:
-        raise StaleCacheError(f"{path}: not an embedding shard (no stable_sam metadata); delete it")
-    return json.loads(raw)
-
-
-def locate_embeddings(path: str | os.PathLike[str], meta: CacheMeta) -> list[int | None]:
-    """Per row group: the byte offset where its embeddings lie contiguously in the file, or None.
-
-    With one uncompressed PLAIN data page per column chunk (what :func:`write_shard` writes), a row
-    group's values are the last ``rows * row_bytes`` bytes of the embedding column chunk. Each candidate
-    is VERIFIED byte for byte against pyarrow's own decoding, so a reader using the offset
-    (:class:`EmbeddingDataset`'s zero-copy path) can never see other bytes than pyarrow would.
-    """
-    offsets: list[int | None] = []
-    mapped = np.memmap(path, dtype=np.uint8, mode="r")
-    pf = pq.ParquetFile(str(path), memory_map=True, pre_buffer=False)
-    try:
-        md = pf.metadata
-        col = pf.schema_arrow.get_field_index("embedding")
-        for rg in range(md.num_row_groups):
-            chunk = md.row_group(rg).column(col)
-            n = md.row_group(rg).num_rows
-            start = chunk.data_page_offset + chunk.total_compressed_size - n * meta.row_bytes
-            ok = (chunk.compression == "UNCOMPRESSED" and chunk.dictionary_page_offset is None
-                  and n > 0 and start >= chunk.data_page_offset)
-            if ok:
-                decoded = _decoded_embeddings(pf.read_row_group(rg, columns=["embedding"]), meta.shape)
-                ok = np.array_equal(mapped[start:start + n * meta.row_bytes], decoded.reshape(-1).view(np.uint8))
-            offsets.append(int(start) if ok else None)
-    finally:
-        pf.close()
-        del mapped
-    return offsets
-
-
-def read_cache_meta(root: str | os.PathLike[str]) -> dict[str, Any]:
-    """``<root>/CACHE.json``: {meta fields..., "shards": [{path, dataset, split, rows, views_sha256, bytes}], ...}.
-
-    Raises :class:`IncompleteCacheError` when the embed stage has not finished in ``root``.
-    """
-    path = Path(root) / CACHE_FILE
-    if not path.is_file():
-        raise IncompleteCacheError(
-            f"{path} missing: the embedding cache in {root} is absent or unfinished; run `dvc repro embed`"
-        )
-    cache = json.loads(path.read_text())
-    if cache.get("format_version") != FORMAT_VERSION:
-        raise StaleCacheError(f"{path}: format_version {cache.get('format_version')} != {FORMAT_VERSION}; "
-                              "re-run `dvc repro embed`")
-    return cache
-
-
-def cache_summary(meta: CacheMeta, shards: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """CACHE.json's contents: ``meta`` + the shard list.
-
-    Each shard: path, dataset, split, rows, views_sha256, bytes, and optionally ``embedding_offsets``
-    (from :func:`locate_embeddings`; readers fall back to Parquet decoding without them).
-    """
-    overall = hashlib.sha256("".join(s["views_sha256"] for s in shards).encode()).hexdigest()
-    return {**meta.as_dict(), "views_sha256": overall, "rows": sum(int(s["rows"]) for s in shards),
-            "shards": [dict(s) for s in shards]}
-
-
-def write_synthetic_cache(
-    root: str | os.PathLike[str],
-    rows: Mapping[tuple[str, str], int],
-    meta: CacheMeta,
-    *,
-    shard_rows: int,
-    row_group_size: int,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """A complete cache of random embeddings (tests, benchmarks): ``rows`` = {(dataset, split): n}.
-
-    Row ``k`` of a (dataset, split) has view_id ``<dataset>/s<k>#0``; its embedding's first value is ``k``
-    (exact in fp16 up to 2048) so a reader's output can be traced back to its row.
-    """
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    shards = []
-    for (dataset, split), n in sorted(rows.items()):
-        for index, start in enumerate(range(0, n, shard_rows)):
-            ks = list(range(start, min(n, start + shard_rows)))
-            emb = rng.standard_normal((len(ks), *meta.shape), dtype=np.float32).astype(np.float16)
-            emb.reshape(len(ks), -1)[:, 0] = ks
-            cols = {
-                "view_id": [f"{dataset}/s{k}#0" for k in ks], "sample_id": [f"{dataset}/s{k}" for k in ks],
-                "dataset": [dataset] * len(ks), "split": [split] * len(ks),
-                "height": [meta.img_size] * len(ks), "width": [meta.img_size] * len(ks),
-                "input_h": [meta.img_size] * len(ks), "input_w": [meta.img_size] * len(ks),
-                "mask_rle": ["0"] * len(ks),
-            }
-            vh = hashlib.sha256(json.dumps(cols["view_id"]).encode()).hexdigest()
-            path = shard_path(root, dataset, split, index)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            extra = {"views_sha256": vh, "dataset": dataset, "split": split, "shard": index, "rows": len(ks)}
-            size = write_shard(path, cols, emb, meta, extra, row_group_size)
-            shards.append({"path": path.relative_to(root).as_posix(), "dataset": dataset, "split": split,
-                           "rows": len(ks), "views_sha256": vh, "bytes": size,
-                           "embedding_offsets": locate_embeddings(path, meta)})
-    cache = cache_summary(meta, shards)
-    (root / CACHE_FILE).write_text(json.dumps(cache, indent=2, sort_keys=True) + "\n")
-    return cache
-
-
-# --------------------------------------------------------------------------------------------------
-# Readers
 @dataclass(frozen=True)
 class RowGroupRef:
     """One row group of one shard: the reader's unit of work and of shuffling."""
@@ -346,17 +104,6 @@ class _Block:
         return out
 
 
-def _decoded_embeddings(table: pa.Table, shape: tuple[int, int, int]) -> np.ndarray:
-    """fp16 ``[n, C, g, g]`` from a decoded ``embedding`` column (no copy for a single chunk)."""
-    row_bytes = 2 * shape[0] * shape[1] * shape[2]
-    parts = []
-    for chunk in table.column("embedding").chunks:
-        raw = np.frombuffer(chunk.buffers()[1], dtype=np.uint8, count=len(chunk) * row_bytes,
-                            offset=chunk.offset * row_bytes)
-        parts.append(raw.view(np.float16).reshape(len(chunk), *shape))
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-
 def _read_block(ref: RowGroupRef, footer: pq.FileMetaData | None, shape: tuple[int, int, int]) -> _Block:
     """One row group. Fast path: the fp16 rows are mapped straight from the file at the verified offset
     (zero-copy; measured ~2-3x the throughput of Parquet decoding, which copies). Every block gets its
@@ -369,7 +116,7 @@ def _read_block(ref: RowGroupRef, footer: pq.FileMetaData | None, shape: tuple[i
             mapped = np.memmap(ref.path, dtype=np.float16, mode="c", offset=ref.offset, shape=(ref.rows, *shape))
             emb = mapped.view(np.ndarray)  # a plain view (cheaper per-row slicing); keeps the map alive
         else:
-            emb = _decoded_embeddings(pf.read_row_group(ref.row_group, columns=["embedding"]), shape)
+            emb = decoded_embeddings(pf.read_row_group(ref.row_group, columns=["embedding"]), shape)
         return _Block(scalars, emb)
     finally:
         pf.close()
@@ -549,7 +296,7 @@ def load_embedding_rows(root: str | os.PathLike[str], view_ids: Iterable[str]) -
                 ids = pf.read_row_group(rg, columns=["view_id"]).column(0).to_pylist()
                 if wanted.intersection(ids):
                     block = _Block(pf.read_row_group(rg, columns=list(SCALAR_COLUMNS)),
-                                   _decoded_embeddings(pf.read_row_group(rg, columns=["embedding"]), shape))
+                                   decoded_embeddings(pf.read_row_group(rg, columns=["embedding"]), shape))
                     for i, vid in enumerate(block.cols["view_id"]):
                         if vid in wanted:
                             out[vid] = block.row(i)
@@ -561,10 +308,4 @@ def load_embedding_rows(root: str | os.PathLike[str], view_ids: Iterable[str]) -
     return out
 
 
-__all__ = [
-    "CACHE_FILE", "CacheMeta", "DTYPE", "EmbeddingDataset", "FORMAT_VERSION", "IncompleteCacheError", "META_KEY",
-    "PREPROCESSING", "RowGroupRef", "SCALAR_COLUMNS", "StaleCacheError", "balanced_split", "cache_summary",
-    "iter_views", "load_embedding_rows", "locate_embeddings", "read_cache_meta", "read_shard_meta", "shard_path",
-    "shard_schema", "write_shard",
-    "write_synthetic_cache",
-]
+__all__ = ["EmbeddingDataset", "RowGroupRef", "balanced_split", "iter_views", "load_embedding_rows"]

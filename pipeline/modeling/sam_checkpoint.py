@@ -10,6 +10,7 @@ embedded ``tiny`` variant goes through the same verified path from the committed
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -55,4 +56,11 @@ def prepare_base(params: Params, out_dir: Path) -> dict[str, Any]:
         "parameters": int(sum(p.numel() for p in sam.parameters())),
     }
     atomic_write_json(out_dir / "base.json", info)
+    return info
+
+
+def run_base(params: Params, out_dir: Path) -> dict[str, Any]:
+    """The ``base`` stage: :func:`prepare_base` into ``out_dir``; prints ``base.json``."""
+    info = prepare_base(params, Path(out_dir))
+    print(json.dumps(info, indent=2))
     return info
