@@ -440,6 +440,10 @@ class Params:
             for name in names:
                 if name not in METHODS:
                     raise ConfigError(f"{key}: unknown method {name!r}; known: {', '.join(METHODS)}")
+        missing = [m for m in self.evaluate.methods if m not in self.train.methods]
+        if missing:  # each evaluate stage depends on its own method's plugin file, which train@<method> writes
+            raise ConfigError(f"evaluate.methods: {', '.join(map(repr, missing))} not in train.methods "
+                              f"{list(self.train.methods)}; add them (`sam` trains nothing: an empty plugin file)")
         for name in self.seeds.methods:
             if name not in self.train.methods or name not in self.evaluate.methods:
                 raise ConfigError(f"seeds.methods: {name!r} must also be in train.methods and evaluate.methods "

@@ -204,6 +204,7 @@ def test_config_imports_neither_torch_nor_segment_anything(test_params_path: Pat
     ({"report.ours": "stable-sam"}, "report.ours: 'stable-sam' is not in evaluate.methods"),
     ({"report.baseline": "dt_sam"}, "report.baseline: 'dt_sam' is not in evaluate.methods"),
     ({"seeds.methods": ["dsp"]}, "seeds.methods: 'dsp' must also be in train.methods"),
+    ({"train.methods": ["stable_sam"]}, "evaluate.methods: 'sam', 'pt_sam' not in train.methods"),
     ({"seeds.extra": [0, 1]}, "seeds.extra: 0 is the pipeline's own `seed`"),
 ])
 def test_config_holes_are_closed(override: dict[str, Any], message: str, test_params_path: Path) -> None:

@@ -255,12 +255,12 @@ def test_retrain_with_overrides_runs_dvc_exp(prefect_api, tmp_path):
 
     params = make_workspace(tmp_path)
     fake_exp = [PY, "-c", "import sys; print('exp argv', *sys.argv[1:])"]
-    state = retrain_flow(str(params), overrides={"train.lr": 3e-4, "train.methods": ["stable_sam"]},
+    state = retrain_flow(str(params), overrides={"train.lr": 3e-4, "train.methods": ["sam", "stable_sam", "pt_sam"]},
                          promote=False, exp_command_prefix=fake_exp, return_state=True)
     assert state.is_completed()
     assert state.result() == {"promote": False, "reason": "promotion disabled"}
     messages = flow_logs(state.state_details.flow_run_id)
-    assert 'exp argv -S train.lr=0.0003 -S train.methods=["stable_sam"]' in messages
+    assert 'exp argv -S train.lr=0.0003 -S train.methods=["sam", "stable_sam", "pt_sam"]' in messages
 
 
 def test_a_bad_override_fails_at_once_and_leaves_the_workspace_as_it_was(prefect_api, tmp_path):

@@ -77,7 +77,8 @@ def new_tracker(store: str) -> Tracker:
 
 def fake_params(tmp_path: Path, **changes):
     registered = f"reg-{uuid.uuid4().hex[:8]}"
-    base = {"train.methods": METHODS, "tracking.registered_model": registered, "seeds.methods": []}
+    base = {"train.methods": METHODS, "evaluate.methods": METHODS, "report.baseline": "dsp",
+            "tracking.registered_model": registered, "seeds.methods": []}
     base.update(changes)
     return load_test_params(**base)
 
@@ -157,6 +158,17 @@ def test_dvc_out_hashes_only_data_stages(tmp_path):
     assert dvc_out_hashes(tmp_path / "absent.lock") == {}
 
 
+def test_dvc_out_hashes_skip_items_no_longer_in_the_pipeline(tmp_path):
+    """dvc.lock keeps ``train@dsp`` after dsp left train.methods; the run must not carry its hash."""
+    out = make_outputs(tmp_path)
+    out.dvc_lock.write_text(out.dvc_lock.read_text() + "  train@dsp:\n    cmd: z\n    outs:\n"
+                            "    - path: models/plugins/dsp.pt\n      md5: ddd\n")
+    assert "dvc.md5.train.dsp.models/plugins/dsp.pt" in dvc_out_hashes(out.dvc_lock)
+    tags = dvc_out_hashes(out.dvc_lock, items={"train": ["stable_sam"]})
+    assert tags == {"dvc.md5.download.data/hqseg44k": "aaa.dir",
+                    "dvc.md5.train.stable_sam.models/plugins/stable_sam.pt": "ccc"}
+
+
 def test_decide_both_ways():
     assert decide(0.8, None, 0.0, has_champion=False)[0] is True
     assert decide(0.8, 0.7, 0.0, has_champion=True)[0] is True
@@ -169,6 +181,22 @@ def test_decide_both_ways():
 
 
 # --- adapter ---------------------------------------------------------------------------------------
+def test_experiment_is_marked_as_model_training(store):
+    """The MLflow 3 UI opens an experiment on its training runs only when it carries the kind tag; an
+    experiment created before the tag existed gets it on the next use."""
+    from mlflow import MlflowClient
+
+    from pipeline.tracking.mlflow_adapter import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    tracker = new_tracker(store)
+    client = MlflowClient(tracking_uri=store)
+    assert client.get_experiment(tracker.experiment_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    old = client.create_experiment(f"old-{uuid.uuid4().hex[:8]}")
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(old).tags
+    Tracker(store, client.get_experiment(old).name)
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+
+
 def test_param_logging_is_retry_safe(store):
     tracker = new_tracker(store)
     run = tracker.start_run("retry")

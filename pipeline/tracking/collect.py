@@ -129,9 +129,12 @@ def read_loss_curve(path: Path) -> dict[str, tuple[list[int], list[float]]]:
     return {c: s for c, s in series.items() if s[0]}
 
 
-def dvc_out_hashes(lock_path: Path, stages: Iterable[str] = DATA_HASH_STAGES) -> dict[str, str]:
+def dvc_out_hashes(lock_path: Path, stages: Iterable[str] = DATA_HASH_STAGES,
+                   items: Mapping[str, Iterable[str]] | None = None) -> dict[str, str]:
     """md5 of the outputs of ``stages`` (and their ``foreach`` items, ``train@x``) from ``dvc.lock``.
 
+    ``items`` names the current ``foreach`` items per stage (``{"train": train.methods}``): ``dvc.lock``
+    keeps the entries of items since removed from the pipeline, and a run must not carry their hashes.
     Returns {"dvc.md5.<stage>.<out path>": md5}; an absent ``dvc.lock`` gives {} (not a DVC run).
     """
     if not lock_path.is_file():
@@ -143,8 +146,11 @@ def dvc_out_hashes(lock_path: Path, stages: Iterable[str] = DATA_HASH_STAGES) ->
     wanted = tuple(stages)
     out: dict[str, str] = {}
     for name, entry in (lock.get("stages") or {}).items():
-        if name.split("@", 1)[0] not in wanted or not isinstance(entry, dict):
+        stage, _, item = name.partition("@")
+        if stage not in wanted or not isinstance(entry, dict):
             continue
+        if item and items is not None and stage in items and item not in set(items[stage]):
+            continue  # an item no longer in the pipeline (e.g. a method dropped from train.methods)
         for item in entry.get("outs") or []:
             digest = item.get("md5") or item.get("etag") or item.get("checksum")
             if digest:
@@ -259,7 +265,7 @@ def collect(out: PipelineOutputs, params: Mapping[str, Any], train_methods: Iter
         "git.dirty": git["dirty"],
         "profile": str(source),
         "dvc.exp_name": exp_name,
-        **dvc_out_hashes(out.dvc_lock),
+        **dvc_out_hashes(out.dvc_lock, items={"train": methods}),
     }
     tags = {k: v for k, v in tags.items() if v != ""}
     run = CollectedRun(params=flatten_params(params), tags=tags, evaluation=evaluation,

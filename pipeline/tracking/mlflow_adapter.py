@@ -82,6 +82,11 @@ def resolve_tracking_uri(configured: str = "", root: Path = PROJECT_ROOT) -> str
     return f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
+# The MLflow 3 UI opens an experiment on its GenAI overview ("Traces") unless it is marked as model training.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def default_artifact_location(tracking_uri: str) -> str | None:
     """For a local sqlite store: ``file://<db folder>/mlruns`` (not the caller's cwd); servers decide themselves."""
     if tracking_uri.startswith("sqlite:///"):
@@ -115,9 +120,12 @@ class Tracker:
             if exp.lifecycle_stage == "deleted":
                 raise ValueError(f"MLflow experiment {name!r} is deleted in {self.tracking_uri}: restore it "
                                  "(`mlflow experiments restore`) or set tracking.experiment to another name")
+            if (exp.tags or {}).get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
         try:
-            return self.client.create_experiment(name, artifact_location=default_artifact_location(self.tracking_uri))
+            return self.client.create_experiment(name, artifact_location=default_artifact_location(self.tracking_uri),
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:  # created concurrently by another process
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
