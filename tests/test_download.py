@@ -1,4 +1,7 @@
-"""Download stage: resumable verified HTTP/file download, safe atomic unzip, HQSeg-44K acquisition."""
+"""Download stage: resumable verified HTTP/file download, safe atomic unzip, HQSeg-44K acquisition.
+
+One module (~400 lines): the probes share the loopback server fixture and the fixture archive.
+"""
 from __future__ import annotations
 
 import hashlib

@@ -3,7 +3,7 @@ checkpoints, special files in a dataset, full disks, read-only outputs, DVC's lo
 
 Every probe runs under a hard timeout (a hang is a failure) and records its outcome; the last test prints
 a table (probes tried, survived, crashes, hangs, valid samples lost, stale outputs) and requires every
-count but the first two to be 0.
+count but the first two to be 0. One file (~500 lines): the table needs every probe in one module.
 
     .venv/bin/pytest -q -m slow tests/test_faults.py
 """

@@ -1,6 +1,7 @@
 """Reliability under bad input, faults and concurrency: byte-deterministic checkpoints, stable quarantine
 reasons, all-or-nothing outputs on a full disk or a read-only folder, clear errors for corrupt checkpoints,
-strict numbers in params, and flows that wait for DVC's own repo lock.
+strict numbers in params, and flows that wait for DVC's own repo lock. One file (~600 lines) because the
+probes share one small dataset tree and its fault helpers; each test reads on its own.
 
     .venv/bin/pytest -q tests/test_reliability.py
 """

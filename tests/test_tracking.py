@@ -1,6 +1,7 @@
 """MLflow tracking adapter, the track stage's logic, promotion and the comparison report.
 
-All against a temporary sqlite store and fake stage outputs (no real pipeline, no real SAM):
+All against a temporary sqlite store and fake stage outputs (no real pipeline, no real SAM); one module
+(~450 lines) so the store and the tracked fake run are built once and shared:
 
     OMP_NUM_THREADS=1 .venv/bin/pytest tests/test_tracking.py -q
 """
