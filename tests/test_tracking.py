@@ -401,6 +401,28 @@ def test_compare_runs_and_aliases(tracked, tmp_path):
     assert math.isclose(duo.rows[0].values[metrics[0]], 83.0)
 
 
+def test_compare_shows_deltas_promotion_metric_and_differing_params(tmp_path):
+    """Pure: rows as gather() makes them. The ~1-point change is stated and drawn on a zoomed axis, the
+    promotion metric is marked, and runs are labelled with the params that differ."""
+    metric = "hq_mean.stable_sam.noisy_box.miou"
+    rows = [compare.Row("champion (v1)", "a" * 32, {metric: 61.6, "hq_mean.sam.gt_box.miou": 72.7},
+                        params={"train.lr": "0.001", "seed": "0", "train.max_steps": "200"}),
+            compare.Row("challenger (v2)", "b" * 32, {metric: 62.4, "hq_mean.sam.gt_box.miou": 72.7},
+                        params={"train.lr": "0.0003", "seed": "0", "train.max_steps": "400"})]
+    comp = compare.Comparison([metric, "hq_mean.sam.gt_box.miou"], rows, "t", reference=0,
+                              promote_metric=metric, promote_margin=0.5,
+                              differing=compare.differing_params(rows))
+    assert comp.differing == ["train.lr", "train.max_steps"]
+    assert compare.params_label(rows[1], comp.differing) == "lr=0.0003, max_steps=400"
+    assert compare.delta(comp, rows[1], metric) == pytest.approx(0.8)
+    md = compare.to_markdown(comp)
+    assert f"**{metric}** (promotion)" in md and "62.4 (+0.80)" in md and "lr=0.0003, max_steps=400" in md
+    lo, hi = compare.zoomed_limits(61.6, 62.4)
+    assert 60 < lo < 61.6 and 62.4 < hi < 64  # not an axis from 0, where 0.8 points would be invisible
+    paths = compare.write(comp, tmp_path / "cmp")
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+
+
 # --- the served model ------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_registered_model_serves_masks_over_http(store, tmp_path, serving_files):
