@@ -89,3 +89,13 @@ def test_the_check_can_fail() -> None:
     files = imported_files("stages.train")
     assert Path("pipeline/training/train.py") in files and Path("pipeline/inference/prompts.py") in files
     assert not any(p.name == "__init__.py" for p in files)
+
+
+def test_tracking_and_evaluation_depend_on_what_they_must() -> None:
+    """`track` runs on every repro / exp run (one MLflow parent run per pipeline run; DVC must not skip it),
+    and each evaluate stage depends on its own method's plugin file, not on every method's."""
+    stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
+    assert stages["track"].get("always_changed") is True
+    for name in ("evaluate", "evaluate_folder", "evaluate_coco"):
+        deps = stages[name]["deps"]
+        assert "models/plugins/${item.method}.pt" in deps and "models/plugins" not in deps, name
