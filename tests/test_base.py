@@ -49,6 +49,17 @@ def test_tiny_base_installed_and_reloaded(tmp_path, tiny_ckpt, monkeypatch):
     assert all(torch.equal(v, ref[k]) for k, v in sam.state_dict().items())
 
 
+def test_base_json_does_not_depend_on_where_the_clone_lives():
+    """The embedded asset is recorded by its project-relative path: two clones give the same base.json
+    (an absolute file:// URL made every stage after `base` re-run in another folder)."""
+    from pipeline import PROJECT_ROOT
+    from pipeline.modeling.sam_checkpoint import portable_source
+
+    assert portable_source((PROJECT_ROOT / "assets" / "tiny_sam.pt").as_uri()) == "assets/tiny_sam.pt"
+    assert portable_source("file:///mirror/sam_vit_b_01ec64.pth") == "file:///mirror/sam_vit_b_01ec64.pth"
+    assert portable_source("https://example.org/sam.pth") == "https://example.org/sam.pth"
+
+
 def test_wrong_sha256_refused(tmp_path, tiny_ckpt, monkeypatch):
     _tiny_spec(monkeypatch, tiny_ckpt, "0" * 64)
     with pytest.raises(ChecksumMismatch, match="sha256"):

@@ -15,7 +15,9 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
+from pipeline import PROJECT_ROOT
 from pipeline.common.atomic import atomic_path, atomic_write_json
 from pipeline.common.http import download_file
 from pipeline.config import Params
@@ -28,6 +30,16 @@ def _link_or_copy(src: Path, dest: Path) -> None:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
+
+
+def portable_source(url: str) -> str:
+    """``url``, or for a ``file://`` URL inside the project (the embedded asset) its project-relative path:
+    ``base.json`` must not depend on where the clone lives, or every clone would re-run the stages after it."""
+    if url.startswith("file://"):
+        path = Path(unquote(url[len("file://"):]))
+        if path.is_relative_to(PROJECT_ROOT):
+            return path.relative_to(PROJECT_ROOT).as_posix()
+    return url
 
 
 def prepare_base(params: Params, out_dir: Path) -> dict[str, Any]:
@@ -51,7 +63,7 @@ def prepare_base(params: Params, out_dir: Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     _link_or_copy(local, out_dir / "sam.pt")
     info = {
-        "variant": cfg.variant, "checkpoint_sha256": digest, "source_url": url, "img_size": img_size,
+        "variant": cfg.variant, "checkpoint_sha256": digest, "source_url": portable_source(url), "img_size": img_size,
         "grid": grid, "channels": PROMPT_EMBED_DIM,
         "parameters": int(sum(p.numel() for p in sam.parameters())),
     }
