@@ -123,9 +123,6 @@ def _load_detections(path: str | Path) -> dict[int, list[dict[str, Any]]]:
     return by_image
 
 
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
 def _instance_mask(coco: COCO, ann: dict[str, Any]) -> np.ndarray:
     """``bool [H, W]`` of one annotation; a malformed segmentation raises ``ValueError`` with a stable message."""
     try:
@@ -139,6 +136,7 @@ def validate_coco(entry: dict[str, Any], cfg: IndexConfig) -> IndexResult:
     noisy) at least one non-empty instance; every other case is a quarantine row (file, reason), as in the index
     stage. Valid images are :class:`IndexRow` s (``mask_path`` = ``<annotations>#image_id=<id>``)."""
     from pipeline.data.images import DecodeError, image_to_rgb, open_image
+    from pipeline.evaluation.user_datasets import IMAGE_SUFFIXES, index_result  # (it imports this module lazily)
 
     name, source = str(entry["name"]), str(entry["box_source"])
     ann_path = str(entry["annotations"])
@@ -158,7 +156,7 @@ def validate_coco(entry: dict[str, Any], cfg: IndexConfig) -> IndexResult:
             continue
         if f.is_dir():
             bad(str(f), "stray folder (the images folder is flat; not scanned)", "stray_folder")
-        elif f.name.startswith(".") or f.suffix.lower() not in _IMAGE_SUFFIXES:
+        elif f.name.startswith(".") or f.suffix.lower() not in IMAGE_SUFFIXES:
             bad(str(f), "stray file (not an image listed in the annotations json)", "stray_file")
         else:
             bad(str(f), f"no annotations entry for image (not in {ann_path})", "no_mask")
@@ -215,12 +213,7 @@ def validate_coco(entry: dict[str, Any], cfg: IndexConfig) -> IndexResult:
             box=mask_box(union) if union.any() else (0.0, 0.0, float(w - 1), float(h - 1)),
             content_sha256=digest.hexdigest(),
         ))
-    quarantine.sort(key=lambda q: q.path)
-    summary = SetSummary(name, "eval", candidates=len(coco.imgs), pairs=len(rows), quarantined=len(quarantine))
-    summary.kinds.update(q.kind for q in quarantine)
-    for q in quarantine:
-        log.warning("quarantined %s: %s: %s", name, q.path, q.reason)
-    return IndexResult(rows, quarantine, {name: summary}, cfg)
+    return index_result(name, rows, quarantine, SetSummary(name, "eval", candidates=len(coco.imgs)), cfg)
 
 
 @torch.inference_mode()

@@ -23,7 +23,8 @@ from pipeline.evaluation.predict import EvaluationError
 
 log = logging.getLogger(__name__)
 
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# Images a user dataset may hold (folders and COCO image folders); anything else is a stray file.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # The fields of an entry that dvc.yaml passes on the command line (``${item}`` unpacks the whole entry).
 ENTRY_FIELDS = ("images", "masks", "mask_suffix", "annotations", "box_source", "detections")
 
@@ -83,13 +84,13 @@ def _list_folder(entry: dict[str, Any]) -> tuple[list[Candidate], list[Quarantin
                 stray(f, "stray file (hidden file, e.g. .DS_Store or a macOS ._ resource fork)")
             elif f.name.endswith(suffix) and (same or role == "mask"):
                 found_masks[f.name[: -len(suffix)]] = str(f)
-            elif role == "image" and f.suffix.lower() in _IMAGE_SUFFIXES:
+            elif role == "image" and f.suffix.lower() in IMAGE_SUFFIXES:
                 found_images.setdefault(f.stem, []).append(str(f))
             elif role == "mask":
                 stray(f, f"stray file (masks end with evaluate.folders[{name}].mask_suffix {suffix!r})")
             else:
                 stray(f, f"stray file (unexpected extension {f.suffix or '(none)'!r}; images are "
-                         f"{'/'.join(_IMAGE_SUFFIXES)})")
+                         f"{'/'.join(IMAGE_SUFFIXES)})")
     candidates: list[Candidate] = []
     for stem in sorted(set(found_images) | set(found_masks)):
         ims, mask = found_images.get(stem, []), found_masks.get(stem)
@@ -104,7 +105,7 @@ def _list_folder(entry: dict[str, Any]) -> tuple[list[Candidate], list[Quarantin
                                             "no_mask"))
         elif mask is not None and not ims:
             quarantine.append(QuarantineRow(mask, name, f"no image for mask (expected {images / stem}"
-                                            f"{{{','.join(_IMAGE_SUFFIXES)}}})", "no_image"))
+                                            f"{{{','.join(IMAGE_SUFFIXES)}}})", "no_image"))
         else:
             candidates.append(Candidate(stem, ims[0], mask))  # type: ignore[arg-type]
     return candidates, quarantine
@@ -122,11 +123,12 @@ def validate_folder(entry: dict[str, Any], cfg: IndexConfig) -> IndexResult:
             rows.append(outcome)
         else:
             quarantine.append(outcome)
-    return _result(name, rows, quarantine, summary, cfg)
+    return index_result(name, rows, quarantine, summary, cfg)
 
 
-def _result(name: str, rows: list[IndexRow], quarantine: list[QuarantineRow], summary: SetSummary,
-            cfg: IndexConfig) -> IndexResult:
+def index_result(name: str, rows: list[IndexRow], quarantine: list[QuarantineRow], summary: SetSummary,
+                 cfg: IndexConfig) -> IndexResult:
+    """A user dataset's :class:`IndexResult`: quarantine sorted by path, counts filled in, each row logged."""
     quarantine.sort(key=lambda q: q.path)
     summary.pairs, summary.quarantined = len(rows), len(quarantine)
     summary.kinds.update(q.kind for q in quarantine)
@@ -175,6 +177,8 @@ def write_user_index(params: Params, benchmark: str, *, out: Path, index_dir: Pa
 
 __all__ = [
     "ENTRY_FIELDS",
+    "IMAGE_SUFFIXES",
+    "index_result",
     "check_entry",
     "resolve_benchmark",
     "user_index_json",
