@@ -12,7 +12,7 @@ export NO_ALBUMENTATIONS_UPDATE = 1
 export MALLOC_MMAP_THRESHOLD_ = 4294967296
 export MALLOC_TRIM_THRESHOLD_ = 17179869184
 
-.PHONY: setup pipeline test test-quick bench fidelity clean-state
+.PHONY: setup pipeline test test-quick bench fidelity rehearsal clean-state
 
 setup: $(VENV)/.installed
 
@@ -35,14 +35,20 @@ test: setup
 test-quick: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q -m "not slow"
 
+# Every benchmarks/*.py, each in its own process; prints each one's JSON, writes reports/benchmarks.json.
 bench: setup
-	for b in embed parquet_read rss_scaling train_cache plugin_latency; do \
-	  echo "== benchmarks/$$b.py"; $(BIN)/python -m benchmarks.$$b || exit 1; done
+	$(BIN)/python -m benchmarks.run_all --out reports/benchmarks.json
 
 # The fidelity study (39 min on 2 cores, resumable per variant): what limits the plugins' gain;
 # writes metrics/fidelity.json, plots/fidelity/recovery.png and prints the table of reports/fidelity.md.
 fidelity: setup
 	$(BIN)/python -m stages.fidelity --params params.yaml --out metrics/fidelity.json
+
+# The full-geometry rehearsal (~6 min on 2 idle cores): every stage of dvc.yaml at the full profile's real
+# shapes (params-full.yaml with an official-architecture ViT-B, 1024 px, 64x64 embeddings) on a local fixture, in
+# a scratch copy; per-stage wall time, CPU time and peak RSS -> reports/rehearsal.json and a table.
+rehearsal: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipeline.rehearsal --out reports/rehearsal.json
 
 clean-state:
 	rm -rf mlflow.db mlruns .prefect

@@ -13,7 +13,7 @@ from PIL import Image
 from pipeline.config import Params, replace
 from pipeline.data import rle
 from pipeline.evaluation import paper_numbers as paper
-from pipeline.evaluation.aggregate import HQ_MEAN, ReportError, coco_key, hq_benchmarks, read_method_json
+from pipeline.evaluation.aggregate import HQ_MEAN, ReportError, coco_key, hq_benchmarks, lead_metrics, read_method_json
 from pipeline.evaluation.gallery import GalleryInputs, gallery_rows, select_gallery_views
 from pipeline.evaluation.report import build_report
 from tests.fakes import load_test_params
@@ -253,6 +253,12 @@ def test_recovery_ratio_in_eval_json_headline_and_summary(workspace):
                for p in ("noisy_box", "point_1") if "recovery" in ours[p])
     md = res.report_md.read_text()
     assert "**Recovery ratio**" in md and "Stable-SAM (paper, ViT-L) | 1.09 | 0.93" in md
+    # dvc exp show lists the keys in file order: without a seeds file, the claim of this run leads
+    lead = list(json.loads(res.headline_path.read_text()))
+    want = [f"R_{p}" for p in ("noisy_box", "point_1") if "recovery" in ours[p]] + ["d_gt_box"]
+    assert lead[:len(want)] == want
+    head_all = json.loads(res.headline_path.read_text())
+    assert head_all["d_gt_box"] == pytest.approx(ours["gt_box"]["miou"] - sam["gt_box"]["miou"], abs=1e-3)
 
 
 def test_paper_recovery_ratios():
@@ -284,6 +290,9 @@ def test_seeds_aggregate_and_report(workspace, tmp_path):
                        t / "r" / "summary.md", seeds_json=seeds_json)
     head = json.loads(res.headline_path.read_text())
     assert head["seeds"]["stable_sam"]["noisy_box"]["recovery"] == {"mean": 0.6, "std": 0.1}
+    # the leading columns of `dvc exp show`: the seed means and spreads, before any nested detail
+    assert list(head)[:5] == ["R_noisy_box", "R_noisy_box_sd", "R_point_1", "R_point_1_sd", "d_gt_box"]
+    assert (head["R_noisy_box"], head["R_noisy_box_sd"], head["d_gt_box"]) == (0.6, 0.1, 0.0)
     assert "0.60 ± 0.10" in res.report_md.read_text()
 
 
@@ -319,3 +328,13 @@ def test_run_seeds_trains_each_extra_seed_under_its_own_seed(monkeypatch, tmp_pa
     r = out["methods"]["stable_sam"]["noisy_box"]["recovery"]
     assert r["values"] == {"0": 0.0, "1": 0.1, "2": 0.2} and r["n"] == 3
     assert json.loads((tmp_path / "seeds.json").read_text())["seeds"] == [0, 1, 2]
+
+    # one seed only (seeds.extra: []): nothing trained, the work folder (a DVC output) still made, no spread shown
+    seen.clear()
+    one = replace(p, **{"seeds.extra": []})
+    out1 = run_seeds(one, embeddings=tmp_path, prompts=tmp_path, base=tmp_path, eval_dir=eval_dir,
+                     work=tmp_path / "work1", out=tmp_path / "seeds1.json")
+    assert seen == [] and (tmp_path / "work1").is_dir()
+    assert out1["methods"]["stable_sam"]["noisy_box"]["recovery"]["n"] == 1
+    lead = lead_metrics({}, one, out1)
+    assert "R_noisy_box" in lead and "R_noisy_box_sd" not in lead

@@ -491,3 +491,17 @@ def test_registered_model_serves_masks_over_http(store, tmp_path, serving_files)
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_pyfunc_model_pickles_without_its_loaded_predictor() -> None:
+    """MLflow pickles the python model after running the input example through it: the loaded predictor (the
+    whole base SAM, already logged as an artifact) must stay out of python_model.pkl (it doubled a vit_b model)."""
+    import cloudpickle
+
+    from pipeline.tracking.serving import PromptToMask
+
+    model = PromptToMask()
+    model.predictor = np.zeros(2_000_000, np.uint8)  # stands in for the loaded base SAM
+    data = cloudpickle.dumps(model)
+    assert len(data) < 100_000
+    assert not hasattr(cloudpickle.loads(data), "predictor")

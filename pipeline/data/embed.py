@@ -7,6 +7,11 @@ For each view (sorted by dataset, split, view_id): :func:`pipeline.data.view_ren
 (auto: none on CPU, where they would compete with it for cores), and one thread writes the finished
 shard while the next one encodes.
 
+Executors: :func:`embed_shards` is the one shard function; :func:`embed_views` (this process) runs it
+over every missing shard, torchrun ranks (:mod:`pipeline.data.embed_shards`) and Dask workers
+(:mod:`pipeline.flows.embed_dask`) over their share, and all of them plan with :func:`prepare_cache` and
+finish with :func:`finish_cache` (every shard verified, then ``CACHE.json``).
+
 Resume: a shard is a fixed chunk of ``embed.shard_rows`` views of one (dataset, split); batches never
 cross shards, so a shard's bytes do not depend on which run wrote it. Shards are written to a temporary
 name and renamed; finished shards whose metadata matches (same checkpoint sha256, preprocessing, format,
@@ -26,7 +31,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -52,8 +57,11 @@ from pipeline.modeling.transforms import preprocess
 
 log = logging.getLogger(__name__)
 
-# Test hook: exit the process (no cleanup) right after this many shards were written in this run.
+# Test hooks: exit the process (no cleanup) right after this many shards were written in this run; die
+# once while writing one shard ("<shard rel>@<marker file>", see _die_in_shard).
 EXIT_AFTER_SHARDS_ENV = "STABLE_SAM_EMBED_EXIT_AFTER_SHARDS"
+DIE_IN_SHARD_ENV = "STABLE_SAM_EMBED_DIE_IN_SHARD"
+DIE_EXIT_CODE = 23
 _HASHED_VIEW_COLUMNS = ("view_id", "spec", "height", "width", "mask_rle")
 
 
@@ -118,6 +126,16 @@ def _refusal(out: Path, what: str) -> StaleCacheError:
                            "(the cache is resumable, so DVC keeps it between runs)")
 
 
+def _shard_problem(found: Mapping[str, Any], meta: CacheMeta, plan: ShardPlan | None) -> str | None:
+    """Why a shard with metadata ``found`` does not belong to the planned shard ``plan`` of this cache, or None."""
+    diffs = meta.differences(CacheMeta.from_dict(found))
+    if diffs:
+        return diffs[0]
+    if plan is None or found.get("views_sha256") != plan.views_sha256 or found.get("rows") != plan.rows:
+        return "were made from different views (views.parquet changed)"
+    return None
+
+
 def check_existing(out: str | os.PathLike[str], plans: list[ShardPlan], meta: CacheMeta,
                    on_stale: str = "refuse") -> set[str]:
     """Validate what a previous run left in ``out``; returns the relative paths of reusable shards.
@@ -144,14 +162,9 @@ def check_existing(out: str | os.PathLike[str], plans: list[ShardPlan], meta: Ca
     done: set[str] = set()
     for f in sorted(out.glob("*/*/part-*.parquet")):
         rel = f.relative_to(out).as_posix()
-        found = read_shard_meta(f)
-        diffs = meta.differences(CacheMeta.from_dict(found))
-        if diffs:
-            stale(f, f"({rel}) {diffs[0]}")
-            continue
-        plan = planned.get(rel)
-        if plan is None or found.get("views_sha256") != plan.views_sha256 or found.get("rows") != plan.rows:
-            stale(f, f"({rel}) were made from different views (views.parquet changed)")
+        problem = _shard_problem(read_shard_meta(f), meta, planned.get(rel))
+        if problem:
+            stale(f, f"({rel}) {problem}")
             continue
         done.add(rel)
     for tmp in out.glob("*/*/.part-*.tmp"):
@@ -193,12 +206,11 @@ def render_batch(rows: list[Mapping[str, Any]], root: Path, img_size: int) -> tu
     return torch.stack(xs), hws
 
 
-def _batch_jobs(
-    views: pa.Table, todo: list[tuple[int, ShardPlan]], batch_size: int
-) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-    """(shard number, rows) per encoder batch; batches never cross shards (so shard bytes never depend on resume)."""
-    for k, plan in todo:
-        rows = views.slice(plan.start, plan.rows).to_pylist()
+def _batch_jobs(work: Sequence[ShardWork], batch_size: int) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """(position in ``work``, rows) per encoder batch; batches never cross shards (so shard bytes never
+    depend on resume or on which process embeds the shard)."""
+    for k, item in enumerate(work):
+        rows = item.rows.to_pylist()
         for s in range(0, len(rows), batch_size):
             yield k, rows[s:s + batch_size]
 
@@ -240,49 +252,71 @@ def encode(encoder: nn.Module, x: torch.Tensor, device: torch.device, bf16: bool
     return y.to(torch.float16).cpu()
 
 
-def embed_views(
-    views: pa.Table,
-    root: str | os.PathLike[str],
-    sam: nn.Module,
-    info: Mapping[str, Any],
+@dataclass(frozen=True)
+class ShardWork:
+    """One shard to embed: its plan and its rows of the :func:`sort_views`-sorted views table."""
+
+    plan: ShardPlan
+    rows: pa.Table
+
+    @classmethod
+    def of(cls, views: pa.Table, plan: ShardPlan) -> "ShardWork":
+        """The shard's rows copied out of ``views`` (a zero-copy slice would pickle the whole table to a worker)."""
+        return cls(plan, views.take(pa.array(range(plan.start, plan.stop), pa.int64())))
+
+
+@dataclass
+class ShardEncoder:
+    """What every shard of one cache is embedded with: the frozen image encoder on ``device``, the cache
+    metadata it must produce, the ``embed`` params and the dataset root the views are rendered from."""
+
+    encoder: nn.Module
+    device: torch.device
+    meta: CacheMeta
+    cfg: EmbedConfig
+    root: Path
+
+
+def _die_in_shard(plan: ShardPlan) -> None:
+    """Test hook (:data:`DIE_IN_SHARD_ENV` = ``<shard rel>@<marker file>``): the first process to write that
+    shard dies (no cleanup) after its temporary file is written and before the rename; the marker makes it once."""
+    spec = os.environ.get(DIE_IN_SHARD_ENV, "")
+    rel, _, marker = spec.partition("@")
+    if rel == plan.rel() and marker:
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        os._exit(DIE_EXIT_CODE)
+
+
+def embed_shards(
+    enc: ShardEncoder,
+    work: Sequence[ShardWork],
     out: str | os.PathLike[str],
-    cfg: EmbedConfig,
     *,
-    progress: bool = True,
-    on_stale: str = "refuse",
-) -> dict[str, Any]:
-    """Embed every row of ``views`` into ``out`` (resuming); returns the CACHE.json contents.
+    on_rows: Callable[[int], Any] | None = None,
+) -> dict[str, list[int | None]]:
+    """THE shard function: embed ``work`` into ``out``, each shard written atomically; returns
+    {shard rel path: verified embedding offsets}.
 
-    ``on_stale``: what to do with shards made by another base/preprocessing/views (see check_existing).
-
-    ``sam`` is a frozen SAM (only ``sam.image_encoder`` is used); ``info`` its base info
-    (variant, checkpoint_sha256, img_size, grid, channels).
+    Every executor calls it: the single process with all missing shards, a torchrun rank with every
+    N-th of them, a Dask task with one. A shard's bytes depend only on its rows (batches never cross
+    shards), so any split of the shards over processes gives the same files. ``embed.render_workers``
+    threads render ahead of the encoder (across shard boundaries) and one thread writes a finished shard
+    while the next one encodes. ``on_rows(n)`` is called after each encoded batch (progress).
     """
-    from tqdm import tqdm  # noqa: PLC0415
-
-    out, root = Path(out), Path(root)
-    meta = CacheMeta.from_info(info)
-    views = sort_views(views)
-    _check_view_ids(views)
-    _warn_canvas(views, meta.img_size)
-    plans = plan_shards(views, cfg.shard_rows)
-    done = check_existing(out, plans, meta, on_stale)
-    todo = [(k, p) for k, p in enumerate(plans) if p.rel() not in done]
-    if todo:
-        (out / CACHE_FILE).unlink(missing_ok=True)  # the cache is incomplete until CACHE.json is rewritten
-    device = resolve_device(cfg.device)
-    encoder = sam.image_encoder.to(device).eval()
-    workers = resolve_render_workers(cfg.render_workers, device)
+    out = Path(out)
+    meta, cfg = enc.meta, enc.cfg
+    workers = resolve_render_workers(cfg.render_workers, enc.device)
     exit_after = int(os.environ.get(EXIT_AFTER_SHARDS_ENV, "0") or 0)
-    log.info("embed: %d shards (%d views) to do, %d reused; device %s, bf16 %s, %d render threads",
-             len(todo), sum(p.rows for _, p in todo), len(done), device, cfg.bf16, workers)
 
     def render(job: tuple[int, list[dict[str, Any]]]) -> Batch:
         k, rows = job
-        x, hws = render_batch(rows, root, meta.img_size)
+        x, hws = render_batch(rows, enc.root, meta.img_size)
         return Batch(k, x, hws)
 
-    bar = tqdm(total=sum(p.rows for _, p in todo), desc="embed", unit="img", disable=not progress)
     pending: dict[int, list[tuple[torch.Tensor, list[tuple[int, int]]]]] = {}
     written = 0
     offsets: dict[str, list[int | None]] = {}  # located while each new shard is still in the page cache
@@ -299,46 +333,125 @@ def embed_views(
             if exit_after and written >= exit_after:
                 os._exit(17)  # test hook: die like a killed run, right after a finished shard
 
-    t0 = time.perf_counter()
+    encoder = enc.encoder.to(enc.device).eval()
     try:
-        for batch in ordered_map(render, _batch_jobs(views, todo, cfg.batch_size), workers):
-            y = encode(encoder, batch.x, device, cfg.bf16)
+        for batch in ordered_map(render, _batch_jobs(work, cfg.batch_size), workers):
+            y = encode(encoder, batch.x, enc.device, cfg.bf16)
             if tuple(y.shape[1:]) != meta.shape:
                 raise ValueError(f"the encoder outputs {tuple(y.shape[1:])}, base.json says {meta.shape}; fix models/base")
             pending.setdefault(batch.shard, []).append((y, batch.input_hw))
-            bar.update(len(batch.input_hw))
-            plan = plans[batch.shard]
-            if sum(len(h) for _, h in pending[batch.shard]) == plan.rows:
+            if on_rows is not None:
+                on_rows(len(batch.input_hw))
+            item = work[batch.shard]
+            if sum(len(h) for _, h in pending[batch.shard]) == item.plan.rows:
                 settle()
-                in_flight = writer.submit(_write, out, views, plan, pending.pop(batch.shard), meta, cfg.row_group_size)
+                in_flight = writer.submit(_write, out, item, pending.pop(batch.shard), meta, cfg.row_group_size)
         settle()
     finally:
         writer.shutdown(wait=True)
-        bar.close()
-    elapsed = time.perf_counter() - t0
-    cache = _cache_summary(out, plans, meta, offsets)
+    return offsets
+
+
+def prepare_cache(
+    views: pa.Table, out: str | os.PathLike[str], meta: CacheMeta, cfg: EmbedConfig, on_stale: str = "refuse"
+) -> tuple[pa.Table, list[ShardPlan], list[ShardWork]]:
+    """Sort and check ``views``, plan the shards and validate what ``out`` holds (:func:`check_existing`).
+
+    Returns (sorted views, every shard's plan, the shards still to embed). When some are missing,
+    CACHE.json is removed first: the cache is incomplete until :func:`finish_cache` rewrites it.
+    Only one process may call this for a cache at a time (it deletes stale shards and temporaries).
+    """
+    out = Path(out)
+    views = sort_views(views)
+    _check_view_ids(views)
+    _warn_canvas(views, meta.img_size)
+    plans = plan_shards(views, cfg.shard_rows)
+    done = check_existing(out, plans, meta, on_stale)
+    todo = [ShardWork.of(views, p) for p in plans if p.rel() not in done]
+    if todo:
+        (out / CACHE_FILE).unlink(missing_ok=True)
+    log.info("embed: %d shards (%d views) to do, %d reused", len(todo), sum(w.plan.rows for w in todo), len(done))
+    return views, plans, todo
+
+
+def finish_cache(
+    out: str | os.PathLike[str], plans: Sequence[ShardPlan], meta: CacheMeta,
+    offsets: Mapping[str, list[int | None]] | None = None,
+) -> dict[str, Any]:
+    """Verify that every planned shard exists and belongs to this cache, then write CACHE.json (last).
+
+    Called once all executors have finished (the single process, torchrun's rank 0 after the barrier,
+    the Dask flow after every task). Raises :class:`StaleCacheError` naming a missing or foreign shard.
+    """
+    out = Path(out)
+    for plan in plans:
+        path = plan.path(out)
+        if not path.is_file():
+            raise StaleCacheError(f"{path} is missing although every shard was embedded (a worker lost its "
+                                  f"output?); re-run the embed stage: it redoes only the missing shards")
+        problem = _shard_problem(read_shard_meta(path), meta, plan)
+        if problem:
+            raise _refusal(out, f"({plan.rel()}) {problem}")
+    for tmp in out.glob("*/*/.part-*.tmp"):  # left by killed workers; no writer runs any more
+        tmp.unlink()
+    cache = _cache_summary(out, list(plans), meta, offsets or {})
     atomic_write_json(out / CACHE_FILE, cache)
-    n = sum(p.rows for _, p in todo)
+    return cache
+
+
+def embed_views(
+    views: pa.Table,
+    root: str | os.PathLike[str],
+    sam: nn.Module,
+    info: Mapping[str, Any],
+    out: str | os.PathLike[str],
+    cfg: EmbedConfig,
+    *,
+    progress: bool = True,
+    on_stale: str = "refuse",
+) -> dict[str, Any]:
+    """Embed every row of ``views`` into ``out`` in this process (resuming); returns the CACHE.json contents.
+
+    ``on_stale``: what to do with shards made by another base/preprocessing/views (see check_existing).
+
+    ``sam`` is a frozen SAM (only ``sam.image_encoder`` is used); ``info`` its base info
+    (variant, checkpoint_sha256, img_size, grid, channels).
+    """
+    from tqdm import tqdm  # noqa: PLC0415
+
+    out = Path(out)
+    meta = CacheMeta.from_info(info)
+    _, plans, todo = prepare_cache(views, out, meta, cfg, on_stale)
+    enc = ShardEncoder(sam.image_encoder, resolve_device(cfg.device), meta, cfg, Path(root))
+    n = sum(w.plan.rows for w in todo)
+    log.info("embed: device %s, bf16 %s, %d render threads", enc.device, cfg.bf16,
+             resolve_render_workers(cfg.render_workers, enc.device))
+    t0 = time.perf_counter()
+    with tqdm(total=n, desc="embed", unit="img", disable=not progress) as bar:
+        offsets = embed_shards(enc, todo, out, on_rows=bar.update)
+    elapsed = time.perf_counter() - t0
+    cache = finish_cache(out, plans, meta, offsets)
     log.info("embed: %d views in %.1f s (%.2f img/s)", n, elapsed, n / elapsed if elapsed else float("nan"))
     return cache
 
 
-def _write(out: Path, views: pa.Table, plan: ShardPlan, parts: list, meta: CacheMeta,
+def _write(out: Path, item: ShardWork, parts: list, meta: CacheMeta,
            row_group_size: int) -> tuple[str, list[int | None]]:
     """Write one shard atomically; returns (its relative path, its verified embedding offsets)."""
+    plan = item.plan
     emb = torch.cat([y for y, _ in parts]).numpy()
     if not np.isfinite(emb).all():
         raise FloatingPointError(f"non-finite embeddings in {plan.rel()} (fp16 overflow?); run with embed.bf16: false")
     hws = [hw for _, h in parts for hw in h]
-    rows = views.slice(plan.start, plan.rows)
     names = ("view_id", "sample_id", "dataset", "split", "height", "width", "mask_rle")
-    columns = {c: rows.column(c).to_pylist() for c in names}
+    columns = {c: item.rows.column(c).to_pylist() for c in names}
     columns["input_h"] = [h for h, _ in hws]
     columns["input_w"] = [w for _, w in hws]
     extra = {"views_sha256": plan.views_sha256, "dataset": plan.dataset, "split": plan.split,
              "shard": plan.index, "rows": plan.rows}
     with atomic_path(plan.path(out)) as tmp:
         write_shard(tmp, columns, emb, meta, extra, row_group_size)
+        _die_in_shard(plan)
         offs = locate_embeddings(tmp, meta)  # positions survive the rename
     return plan.rel(), offs
 
@@ -388,6 +501,7 @@ def run_embed(
 
 
 __all__ = [
-    "Batch", "EXIT_AFTER_SHARDS_ENV", "ShardPlan", "check_existing", "embed_views", "encode", "ordered_map",
-    "plan_shards", "render_batch", "resolve_device", "resolve_render_workers", "run_embed", "sort_views", "views_hash",
+    "Batch", "DIE_IN_SHARD_ENV", "EXIT_AFTER_SHARDS_ENV", "ShardEncoder", "ShardPlan", "ShardWork", "check_existing",
+    "embed_shards", "embed_views", "encode", "finish_cache", "ordered_map", "plan_shards", "prepare_cache",
+    "render_batch", "resolve_device", "resolve_render_workers", "run_embed", "sort_views", "views_hash",
 ]

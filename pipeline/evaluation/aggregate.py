@@ -165,12 +165,16 @@ def build_eval_json(params: Params, eval_dir: str | Path) -> tuple[dict[str, Any
 
 
 def headline_metrics(eval_json: Mapping[str, Any], params: Params, seeds: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The small JSON for ``dvc metrics show``: hq_mean mIoU of the headline prompts, deltas, COCO mAP.
+    """The small JSON for ``dvc metrics show`` / ``dvc exp show``: the claim first, then the detail.
 
-    Keys mirror eval.json's paths (``hq_mean.stable_sam.noisy_box.miou``), so a dotted key such as
-    ``tracking.promote_metric`` means the same in both files.
+    DVC shows a metrics file's keys as columns in file order, and a terminal (or ``less -S``, DVC's pager)
+    shows the leftmost ones, so the file opens with :func:`lead_metrics` (short flat keys: the recovery
+    ratios and the GT-box change of ``report.ours``). The detail that follows mirrors eval.json's paths
+    (``hq_mean.stable_sam.noisy_box.miou``), so a dotted key such as ``tracking.promote_metric`` means the
+    same in both files: hq_mean mIoU of the headline prompts, deltas, seed spread, COCO mAP.
+    Written in this order (not key-sorted) by the report stage.
     """
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = lead_metrics(eval_json, params, seeds)
     mean = eval_json.get(HQ_MEAN, {})
     for method in params.evaluate.methods:
         for prompt in params.report.headline_prompts:
@@ -199,6 +203,39 @@ def headline_metrics(eval_json: Mapping[str, Any], params: Params, seeds: Mappin
                     if "map" in m:
                         out.setdefault(key, {}).setdefault(method, {})[prompt] = {"map": round(m["map"], 3)}
     return out
+
+
+def lead_metrics(eval_json: Mapping[str, Any], params: Params,
+                 seeds: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """The leading columns of ``dvc exp show``, for ``report.ours`` on the HQ mean.
+
+    ``R_<prompt>`` for the paper's two recovery prompts (noisy_box, point_1) and ``d_gt_box`` (ours − baseline
+    GT-box mIoU): the mean over training seeds when the seeds stage covered ``ours`` (that run is seed 0),
+    with ``R_<prompt>_sd`` (sample std, from two seeds on); otherwise this run's values. Missing values are left out.
+    """
+    ours, base = params.report.ours, params.report.baseline
+    lead: dict[str, float] = {}
+    block = (seeds or {}).get("methods", {}).get(ours)
+    if block:
+        for prompt in paper.RECOVERY_PROMPTS[:2]:
+            cell = block.get(prompt, {}).get("recovery")
+            if cell is not None:
+                lead[f"R_{prompt}"] = round(cell["mean"], 3)
+                if cell.get("n", 2) > 1:  # one seed has no spread to show
+                    lead[f"R_{prompt}_sd"] = round(cell["std"], 3)
+        gt = block.get("gt_box", {}).get("delta")
+        if gt is not None:
+            lead["d_gt_box"] = round(gt["mean"], 3)
+        return lead
+    mean = eval_json.get(HQ_MEAN, {})
+    for prompt in paper.RECOVERY_PROMPTS[:2]:
+        r = mean.get(ours, {}).get(prompt, {}).get("recovery")
+        if r is not None:
+            lead[f"R_{prompt}"] = round(r, 3)
+    d = delta(mean, ours, base, "gt_box")
+    if d is not None:
+        lead["d_gt_box"] = round(d, 3)
+    return lead
 
 
 def delta(mean: Mapping[str, Any], ours: str, base: str, prompt: str, metric: str = "miou") -> float | None:
@@ -236,6 +273,6 @@ def n_sets(mean: Mapping[str, Any]) -> int:
 __all__ = [
     "COCO_METRICS", "COCO_PREFIX", "HQ_MEAN", "HQ_METRICS", "POINT_COUNTS", "ReportError", "Results",
     "add_recovery", "benchmark_keys", "build_eval_json", "coco_key", "collect_results", "delta",
-    "headline_metrics", "hq_benchmarks", "hq_mean", "method_order", "n_sets", "points_series", "prompt_order",
+    "headline_metrics", "hq_benchmarks", "hq_mean", "lead_metrics", "method_order", "n_sets", "points_series", "prompt_order",
     "read_method_json"
 ]

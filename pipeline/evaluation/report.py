@@ -19,6 +19,7 @@ ignored, missing ones are listed in the summary), and writes:
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,13 @@ def write_plots(eval_json: Mapping[str, Any], params: Params, plots_dir: str | P
     return written
 
 
+def write_headline(path: str | Path, eval_json: Mapping[str, Any], params: Params,
+                   seeds: Mapping[str, Any] | None = None) -> None:
+    """``metrics/headline.json`` in the order :func:`headline_metrics` builds it (not key-sorted): DVC shows
+    a metrics file's keys as columns in file order, so the claim leads ``dvc exp show``."""
+    atomic_write_text(path, json.dumps(headline_metrics(eval_json, params, seeds), indent=2) + "\n")
+
+
 def build_report(
     params: Params,
     eval_dir: str | Path,
@@ -143,7 +151,7 @@ def build_report(
     _remove_stale(plots_dir, plot_files + gallery_files)
     atomic_write_json(out_metrics, eval_json)
     seeds = read_seeds(opt(seeds_json))
-    atomic_write_json(out_headline, headline_metrics(eval_json, params, seeds))
+    write_headline(out_headline, eval_json, params, seeds)
     datasets, d_notes = read_user_indexes(params, eval_dir)
     md = render_summary(eval_json, params, index=opt(index), plot_files=plot_files, gallery_files=gallery_files,
                         report_md=report_md, notes=notes + g_notes + d_notes, seeds=seeds, datasets=datasets)
@@ -168,4 +176,4 @@ def run_report(params: Params, *args: Any, **kwargs: Any) -> ReportResult:
     return result
 
 
-__all__ = ["ReportResult", "build_report", "run_report", "write_plots"]
+__all__ = ["ReportResult", "build_report", "run_report", "write_headline", "write_plots"]

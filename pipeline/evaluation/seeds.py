@@ -92,13 +92,15 @@ def aggregate(samples: Mapping[int, Mapping[str, Mapping[str, float]]]) -> dict[
 
 def run_seeds(params: Params, *, embeddings: Path, prompts: Path, base: Path, eval_dir: Path, work: Path,
               out: Path) -> dict[str, Any]:
-    """Write ``out`` (metrics/seeds.json); returns its content."""
+    """Write ``out`` (metrics/seeds.json); returns its content. ``work`` (a DVC output) holds the extra seeds'
+    runs and is created even when ``seeds.extra`` is empty (one seed: std 0, ``n`` 1)."""
     hq_sets = hq_benchmarks(params)
     base_name = params.report.baseline
     baseline_runs = {b: read_method_json(Path(eval_dir) / b / f"{base_name}.json") for b in hq_sets}
     baseline = hq_mean({b: {base_name: r} for b, r in baseline_runs.items()}, hq_sets).get(base_name, {})
     if not baseline:
         raise FileNotFoundError(f"{eval_dir}: no {base_name} results on the HQ sets; run `dvc repro evaluate` first")
+    Path(work).mkdir(parents=True, exist_ok=True)  # after the input checks: a refused run writes nothing
     result: dict[str, Any] = {"seeds": [params.seed, *params.seeds.extra], "baseline": base_name,
                               "hq_sets": list(hq_sets), "methods": {}}
     for method in params.seeds.methods:

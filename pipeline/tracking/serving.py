@@ -74,6 +74,11 @@ class PromptToMask(mlflow.pyfunc.PythonModel):
         self.predictor = Predictor.from_pretrained(context.artifacts["base"], cfg.get("method", "stable_sam"), plugin,
                                                    device=cfg.get("device", "auto"))
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the loaded predictor: MLflow pickles the model after running the input example through
+        it, and the base weights are already an artifact (they would be stored twice: 375 MB more for vit_b)."""
+        return {k: v for k, v in self.__dict__.items() if k != "predictor"}
+
     def predict(self, context, model_input, params=None):  # noqa: ANN001,ANN201 - MLflow reads type hints as a schema
         import pandas as pd
 
