@@ -28,7 +28,6 @@ steadier on a busy machine). The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -41,7 +40,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.train_step import PROJECT, PartClock, build_workload, summarize_parts, sync, timed  # noqa: E402
+from benchmarks.train_step import (  # noqa: E402
+    PROJECT, PartClock, build_workload, run_cli, summarize_parts, sync, timed,
+)
 from pipeline.config import Params, load_params  # noqa: E402
 from pipeline.modeling.methods import PromptBatch  # noqa: E402
 
@@ -177,13 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=4, help="eval images per pass (default 4)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed passes first (default 1)")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes; times are medians (default 3)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's own choice)")
-    args = ap.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    result = run(args)
-    print(json.dumps(result))
-    return 0
+    return run_cli(ap, run, argv)
 
 
 if __name__ == "__main__":

@@ -378,12 +378,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="training views in the cache (default 240, ~the embedded default's; at least one batch)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     ap.add_argument("--repeats", type=int, default=5, help="timed steps; times are medians (default 5)")
+    return run_cli(ap, run, argv)
+
+
+def run_cli(ap: argparse.ArgumentParser, bench: Any, argv: list[str] | None) -> int:
+    """Add ``--threads``, parse ``argv``, run ``bench(args)`` and print its result as the last JSON line."""
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's own choice)")
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    result = run(args)
-    print(json.dumps(result))
+    print(json.dumps(bench(args)))
     return 0
 
 
