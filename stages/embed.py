@@ -10,7 +10,8 @@ format or from other views is refused with the fix. The work is done by
 :func:`pipeline.data.embed.run_embed`.
 
 Started by torchrun (``RANK``/``WORLD_SIZE`` set), each rank embeds every N-th missing shard and rank 0
-writes `CACHE.json` once all exist (:func:`pipeline.data.embed_shards.run_embed_torchrun`); the cache
+writes `CACHE.json` once all exist (:func:`pipeline.data.embed.run_embed` hands over to
+:func:`pipeline.data.embed_shards.run_embed_torchrun`); the cache
 is the same as the single process's:
 
     torchrun --nproc_per_node=2 -m stages.embed --params params.yaml --views data/views/views.parquet \
@@ -28,7 +29,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from pipeline.common.cli import run_stage
 from pipeline.config import load_params
 from pipeline.data.embed import run_embed
-from pipeline.data.embed_shards import dist_env, run_embed_torchrun
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,14 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     def work() -> None:
-        env = dist_env()
         with logging_redirect_tqdm():
-            if env is None:
-                run_embed(load_params(args.params), args.views, args.root, args.base, args.out,
-                          progress=not args.quiet, on_stale=args.on_stale)
-            else:
-                run_embed_torchrun(load_params(args.params), args.views, args.root, args.base, args.out, env,
-                                   progress=not args.quiet, on_stale=args.on_stale)
+            run_embed(load_params(args.params), args.views, args.root, args.base, args.out,
+                      progress=not args.quiet, on_stale=args.on_stale)
 
     return run_stage("embed", work)
 

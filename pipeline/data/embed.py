@@ -488,10 +488,16 @@ def run_embed(
     *,
     progress: bool = True,
     on_stale: str = "refuse",
-) -> dict[str, Any]:
-    """The stage: load the frozen base (``load_base``) and :func:`embed_views` every view."""
+) -> dict[str, Any] | None:
+    """The stage: load the frozen base (``load_base``) and :func:`embed_views` every view. Started by torchrun
+    (``RANK``/``WORLD_SIZE`` set), this process is one rank of
+    :func:`pipeline.data.embed_shards.run_embed_torchrun` instead (returns None on ranks other than 0)."""
+    from pipeline.data.embed_shards import dist_env, run_embed_torchrun  # noqa: PLC0415 - imports this module
     from pipeline.modeling.backbones import load_base  # noqa: PLC0415
 
+    env = dist_env()
+    if env is not None:
+        return run_embed_torchrun(params, views_path, root, base_dir, out, env, progress=progress, on_stale=on_stale)
     sam, info = load_base(Path(base_dir))
     cache = embed_views(read_views(views_path), root, sam, info, out, params.embed, progress=progress,
                         on_stale=on_stale)
