@@ -12,7 +12,7 @@ export NO_ALBUMENTATIONS_UPDATE = 1
 export MALLOC_MMAP_THRESHOLD_ = 4294967296
 export MALLOC_TRIM_THRESHOLD_ = 17179869184
 
-.PHONY: setup pipeline test test-quick bench fidelity rehearsal clean-state
+.PHONY: setup pipeline seeds test test-quick bench fidelity rehearsal clean-state
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,14 @@ $(VENV)/.installed: pyproject.toml
 # The main job: the whole DVC pipeline on params.yaml (the embedded default unless you changed it).
 pipeline: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc metrics show
+
+# The headline over 3 training seeds: the pipeline with seeds.extra = [1, 2] as a DVC experiment in this workspace
+# (re-runs only seeds, report and track when `make pipeline` ran first; params.yaml keeps the override until you
+# revert it). metrics/seeds.json and metrics/headline.json then carry mean ± std (R_*_sd).
+SEEDS ?= [1,2]
+seeds: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc exp run -S 'seeds.extra=$(SEEDS)'
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc metrics show
 
 # Every test, slow ones included (what CI runs).

@@ -130,27 +130,32 @@ def main(argv: list[str] | None = None) -> dict:
         encoder = sam.image_encoder.eval()
         for bf16 in (False, True) if not args.no_sweep else ():  # warm-up: oneDNN primitives for both batch shapes
             time_forward(encoder, [batches[0], batches[-1]] if len(batches) > 1 else batches, bf16)
-        t_bare = min(time_forward(encoder, batches, False) for _ in range(args.repeats))
         t_bf16 = min(time_forward(encoder, batches, True) for _ in range(args.repeats))
 
-        def stage(out: str, **kw) -> float:
-            """Best of ``repeats`` full stage runs (each into a fresh folder: nothing is resumed)."""
-            best = float("inf")
-            for r in range(args.repeats):
-                t = time.perf_counter()
-                embed_views(views, root, sam, info, Path(tmp) / f"{out}_{r}", replace(cfg, **kw), progress=False)
-                best = min(best, time.perf_counter() - t)
-            return best
+        def stage(out: Path, **kw) -> float:
+            """One full stage run into a fresh folder (nothing is resumed)."""
+            t = time.perf_counter()
+            embed_views(views, root, sam, info, out, replace(cfg, **kw), progress=False)
+            return time.perf_counter() - t
 
         if not args.no_sweep:  # one-time costs of a first stage run (imports, pools, first shapes) are not throughput
             embed_views(views.slice(0, cfg.batch_size), root, sam, info, Path(tmp) / "warm", cfg, progress=False)
-        t_workers = {} if args.no_sweep else {w: stage(f"emb_fp32_w{w}", render_workers=w) for w in (0, 1, 2)}
-        t_stage = stage("emb_fp32")
-        t_bare2 = t_bare if args.no_sweep else time_forward(encoder, batches, False)  # again: load drift
+        # Interleaved: every stage run right after a bare forward over the same batches, so a change of the
+        # machine's load during the benchmark hits both sides alike; each side's time is its best run.
+        sweep = () if args.no_sweep else (0, 1, 2)
+        bare_runs: list[float] = []
+        stage_runs: list[float] = []
+        worker_runs: dict[int, list[float]] = {w: [] for w in sweep}
+        for r in range(args.repeats):
+            bare_runs.append(time_forward(encoder, batches, False))
+            stage_runs.append(stage(Path(tmp) / f"emb_fp32_{r}"))
+            for w in sweep:
+                worker_runs[w].append(stage(Path(tmp) / f"emb_fp32_w{w}_{r}", render_workers=w))
+        t_bare, t_stage = min(bare_runs), min(stage_runs)
+        t_workers = {w: min(runs) for w, runs in worker_runs.items()}
         embed_views(views, root, sam, info, Path(tmp) / "emb_bf16", replace(cfg, bf16=True), progress=False)
         changes = miou_changes(sam, Path(tmp) / "emb_fp32_0", Path(tmp) / "emb_bf16", img_size)
 
-    t_bare = min(t_bare, t_bare2)
     result = {
         "benchmark": "embed",
         "ratio": round(t_bare / t_stage, 3),

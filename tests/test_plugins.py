@@ -281,3 +281,86 @@ def test_decode_rejects_mismatched_shapes():
         decode(sam.mask_decoder, torch.randn(3, C, 8, 8), pe, sparse, torch.randn(3, C, 8, 8), False)
     with pytest.raises(ValueError, match="dense"):
         decode(sam.mask_decoder, torch.randn(2, C, 8, 8), pe, sparse, torch.randn(2, C, 4, 4), False)
+
+
+# ------------------------------------------------------------------------------- exact rewrites
+def _conv_reference_dsp(dsp: DeformableSampling, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """DSP as the paper's figure reads, module by module on (B, C, H, W) maps: the reference of the fast path."""
+    h, w = hw
+    x_star = dsp.proj(seq_to_map(x, hw))
+    raw = dsp.offset_net(x_star).permute(0, 2, 3, 1)
+    cells = torch.tensor([2.0 / (w - 1), 2.0 / (h - 1)])
+    grid = base_grid(h, w, device=x.device, dtype=raw.dtype) + torch.tanh(raw) * dsp.offset_range * cells
+    return map_to_seq(sample(x_star, grid))
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (6, 10)])
+def test_dsp_fast_path_equals_the_module_by_module_reference(hw):
+    torch.manual_seed(11)
+    dsp = DeformableSampling(channels=C)
+    with torch.no_grad():  # a trained-looking DSP: non-identity projection, real offsets
+        for p in dsp.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    x = torch.randn(3, hw[0] * hw[1], C, requires_grad=True)
+    out, _ = dsp(x, hw)
+    ref = _conv_reference_dsp(dsp, x, hw)
+    assert (ref - x).abs().max() > 0.1  # the offsets move the read
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=1e-4)  # float32 sums of 256 terms, reordered
+    g_out = torch.autograd.grad(out.square().sum(), [x, dsp.proj.weight])
+    g_ref = torch.autograd.grad(ref.square().sum(), [x, dsp.proj.weight])
+    for a, b in zip(g_out, g_ref):  # gradients reach ~1e4 here: compare relative to the largest
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max(), (a - b).abs().max()
+
+
+def test_patched_transformer_with_identity_routing_equals_sam_transformer():
+    """The sequence path of the patched transformer (shared keys + PE per layer) with α = (0, 1) is SAM's
+    ``TwoWayTransformer.forward``."""
+    sam = make_sam()
+    tr = sam.mask_decoder.transformer
+    dsp = DeformableSampling(channels=C)
+    with torch.no_grad():
+        dsp.offset_net[-1].weight.normal_()
+    patched = PatchedTwoWayTransformer(tr, PatchedAttentionBlock(tr.layers[1], sampler=dsp, fixed_alpha=(0.0, 1.0)))
+    torch.manual_seed(12)
+    emb, pe, tokens = torch.randn(2, C, 8, 8), torch.randn(1, C, 8, 8), torch.randn(2, 7, C)
+    q, k, alpha = patched(emb, pe.expand(2, -1, -1, -1), tokens)
+    ref_q, ref_k = tr(emb, pe.expand(2, -1, -1, -1), tokens)
+    torch.testing.assert_close(q, ref_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, ref_k, atol=1e-5, rtol=1e-5)
+    assert alpha.shape == (2, 2)
+
+
+def test_decode_all_outputs_equals_sam_slices():
+    """multimask_output=None (pre-training) returns SAM's four masks; False and True its slices."""
+    sam = make_sam()
+    torch.manual_seed(13)
+    emb = torch.randn(2, C, 8, 8)
+    sparse, dense = _prompt_embeddings(sam, 2, seed=14)
+    pe = sam.prompt_encoder.get_dense_pe()
+    every = decode_with_alpha(sam.mask_decoder, emb, pe, sparse, dense, None)
+    single = decode_with_alpha(sam.mask_decoder, emb, pe, sparse, dense, False)
+    multi = decode_with_alpha(sam.mask_decoder, emb, pe, sparse, dense, True)
+    assert every.low_res_logits.shape == (2, 4, 32, 32) and every.iou_pred.shape == (2, 4)
+    torch.testing.assert_close(single.low_res_logits, every.low_res_logits[:, :1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(multi.low_res_logits, every.low_res_logits[:, 1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(multi.iou_pred, every.iou_pred[:, 1:])
+
+
+def test_dense_pe_is_cached_per_device_and_follows_its_buffer():
+    from pipeline.config import PluginConfig
+    from pipeline.modeling.methods import build_method
+
+    sam = make_sam()
+    dec = build_method("sam", sam, PluginConfig(4.0, False, 16, 1, "softmax", 0.5))
+    with torch.inference_mode():
+        inference_pe = dec.dense_pe()
+    first = dec.dense_pe()
+    assert first is dec.dense_pe()  # cached
+    torch.testing.assert_close(first, sam.prompt_encoder.get_dense_pe())
+    assert not first.is_inference()  # an inference-mode call does not leak into training
+    assert inference_pe.is_inference()
+    with torch.no_grad():
+        sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(2.0)
+    again = dec.dense_pe()
+    assert again is not first
+    torch.testing.assert_close(again, sam.prompt_encoder.get_dense_pe())

@@ -51,9 +51,9 @@ from pipeline.data.embedding_format import (
     shard_path,
     write_shard,
 )
-from pipeline.data.view_render import render_view
+from pipeline.data.view_render import SourceCache, render_view
 from pipeline.data.views import read_views
-from pipeline.modeling.transforms import preprocess
+from pipeline.modeling.transforms import preprocess_into
 
 log = logging.getLogger(__name__)
 
@@ -193,17 +193,21 @@ class Batch:
 
 
 def render_batch(rows: list[Mapping[str, Any]], root: Path, img_size: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Render + SAM-preprocess views -> (``[B, 3, img_size, img_size]``, [(input_h, input_w)])."""
-    xs, hws = [], []
-    for row in rows:
-        image, _ = render_view(row, None, root, with_mask=False)
+    """Render + SAM-preprocess views -> (``[B, 3, img_size, img_size]``, [(input_h, input_w)]).
+
+    Source files shared by views of the batch (the views of one image, occluders) are decoded once, and each
+    view is preprocessed straight into its row of one batch buffer (numpy only: no torch op per view).
+    """
+    buf = np.empty((len(rows), 3, img_size, img_size), dtype=np.float32)
+    hws = []
+    sources: SourceCache = {}
+    for i, row in enumerate(rows):
+        image, _ = render_view(row, None, root, with_mask=False, sources=sources)
         if image.shape[:2] != (row["height"], row["width"]):
             raise StaleCacheError(f"view {row['view_id']}: rendered {image.shape[:2]}, views.parquet says "
                                   f"{(row['height'], row['width'])}; re-run `dvc repro views`")
-        x, hw = preprocess(image, img_size)
-        xs.append(x)
-        hws.append(hw)
-    return torch.stack(xs), hws
+        hws.append(preprocess_into(image, buf[i], img_size))
+    return torch.from_numpy(buf), hws
 
 
 def _batch_jobs(work: Sequence[ShardWork], batch_size: int) -> Iterator[tuple[int, list[dict[str, Any]]]]:
@@ -435,12 +439,19 @@ def embed_views(
     return cache
 
 
+def _all_finite(array: np.ndarray) -> bool:
+    """No inf/nan in ``array``; for float16 a test of the exponent bits (all ones = inf/nan), ~7x faster."""
+    if array.dtype != np.float16:
+        return bool(np.isfinite(array).all())
+    return not bool(np.any((array.reshape(-1).view(np.uint16) & np.uint16(0x7C00)) == np.uint16(0x7C00)))
+
+
 def _write(out: Path, item: ShardWork, parts: list, meta: CacheMeta,
            row_group_size: int) -> tuple[str, list[int | None]]:
     """Write one shard atomically; returns (its relative path, its verified embedding offsets)."""
     plan = item.plan
-    emb = torch.cat([y for y, _ in parts]).numpy()
-    if not np.isfinite(emb).all():
+    emb = np.concatenate([y.numpy() for y, _ in parts])  # numpy: a torch op would wake the encoder's threads
+    if not _all_finite(emb):
         raise FloatingPointError(f"non-finite embeddings in {plan.rel()} (fp16 overflow?); run with embed.bf16: false")
     hws = [hw for _, h in parts for hw in h]
     names = ("view_id", "sample_id", "dataset", "split", "height", "width", "mask_rle")

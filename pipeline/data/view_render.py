@@ -1,18 +1,18 @@
 """Rebuilding a training view's pixels from its stored spec (the geometry of pipeline/data/views.py).
 
 A view row's JSON ``spec`` holds every parameter (source paths and their content sha256, sizes, flip,
-resize, crop, paste); :func:`render_view` replays it bit-exactly with albumentations 2.x transforms with
-fixed parameters (``fill``/``fill_mask`` for padding), so views are stored as a few hundred bytes of
-JSON and rendered on demand by the embed stage.
+resize, crop, paste); :func:`render_view` replays it bit-exactly with the OpenCV/numpy operations of the
+albumentations 2.x transforms with fixed parameters (HorizontalFlip, Resize, Crop, PadIfNeeded with
+``fill``/``fill_mask``), so views are stored as a few hundred bytes of JSON and rendered on demand by the
+embed stage.
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-import albumentations as A
 import cv2
 import numpy as np
 
@@ -28,56 +28,73 @@ class ViewRenderError(StageError):
 
 
 # --------------------------------------------------------------------------------------------------
-# Geometry (albumentations with fixed parameters: deterministic, no random draws inside)
+# Geometry: the OpenCV/numpy operations albumentations 2.x applies for the fixed-parameter transforms
+# HorizontalFlip, Resize(INTER_LINEAR), Crop and PadIfNeeded(top_left, constant fill), called directly
+# (building an albumentations pipeline per view cost more than the pixels); tests/test_embed_render.py
+# checks them bit for bit against the albumentations pipelines.
 def _mask_u8(mask: np.ndarray) -> np.ndarray:
     return mask.astype(np.uint8) * np.uint8(255)
 
 
-def _run(transforms: list[A.BasicTransform], array: np.ndarray) -> np.ndarray:
-    return A.Compose(transforms)(image=array)["image"]
+def _hflip(array: np.ndarray) -> np.ndarray:
+    return cv2.flip(array, 1)
 
 
-def _jitter_transforms(spec: Mapping[str, Any], fill: int) -> list[A.BasicTransform]:
-    rh, rw = spec["resize"]
-    x0, y0, x1, y1 = spec["crop"]
-    size = spec["canvas"]
-    ts: list[A.BasicTransform] = [A.HorizontalFlip(p=1.0)] if spec["flip"] else []
-    ts += [
-        A.Resize(rh, rw, interpolation=cv2.INTER_LINEAR),
-        A.Crop(x_min=x0, y_min=y0, x_max=x1, y_max=y1),
-        A.PadIfNeeded(min_height=size, min_width=size, position="top_left",
-                      border_mode=cv2.BORDER_CONSTANT, fill=fill, fill_mask=0),
-    ]
-    return ts
+def _resize_linear(array: np.ndarray, hw: Sequence[int]) -> np.ndarray:
+    h, w = int(hw[0]), int(hw[1])
+    if array.shape[:2] == (h, w):
+        return array
+    return cv2.resize(array, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def _crop(array: np.ndarray, box: Sequence[int]) -> np.ndarray:
+    x0, y0, x1, y1 = (int(v) for v in box)
+    h, w = array.shape[:2]
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+        raise ViewRenderError(f"view spec crop {list(box)} lies outside its {w}x{h} image; re-run `dvc repro views`")
+    return array[y0:y1, x0:x1]
+
+
+def _pad_bottom_right(array: np.ndarray, size: int, fill: int) -> np.ndarray:
+    h, w = array.shape[:2]
+    out = np.full((max(h, size), max(w, size)) + array.shape[2:], fill, dtype=array.dtype)
+    out[:h, :w] = array
+    return out
+
+
+def _jitter(array: np.ndarray, spec: Mapping[str, Any], fill: int) -> np.ndarray:
+    """Flip (if set) -> resize -> crop -> pad bottom/right to ``canvas`` with ``fill``."""
+    if spec["flip"]:
+        array = _hflip(array)
+    array = _resize_linear(array, spec["resize"])
+    array = _crop(array, spec["crop"])
+    return _pad_bottom_right(array, int(spec["canvas"]), fill)
 
 
 def jitter_image(image: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
     """uint8 ``HxWx3`` -> the jitter view's ``canvas x canvas x 3`` image (padding = ``pad_fill``)."""
-    return _run(_jitter_transforms(spec, int(spec["pad_fill"])), image)
+    return _jitter(image, spec, int(spec["pad_fill"]))
 
 
 def jitter_mask(mask: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
     """bool ``HxW`` -> the jitter view's bool ``canvas x canvas`` GT (bilinear on 0/255, > 127; pad 0)."""
-    return _run(_jitter_transforms(spec, 0), _mask_u8(mask)) > 127
+    return _jitter(_mask_u8(mask), spec, 0) > 127
 
 
-def _occluder_transforms(occ: Mapping[str, Any]) -> list[A.BasicTransform]:
-    x0, y0, x1, y1 = occ["crop"]
-    rh, rw = occ["resize"]
-    ts: list[A.BasicTransform] = [A.Crop(x_min=x0, y_min=y0, x_max=x1, y_max=y1)]
+def _occluder(array: np.ndarray, occ: Mapping[str, Any]) -> np.ndarray:
+    """Crop -> flip (if set) -> resize."""
+    array = _crop(array, occ["crop"])
     if occ["flip"]:
-        ts.append(A.HorizontalFlip(p=1.0))
-    ts.append(A.Resize(rh, rw, interpolation=cv2.INTER_LINEAR))
-    return ts
+        array = _hflip(array)
+    return _resize_linear(array, occ["resize"])
 
 
 def occluder_patch(
     image: np.ndarray | None, mask: np.ndarray, occ: Mapping[str, Any]
 ) -> tuple[np.ndarray | None, np.ndarray]:
     """The occluder's (image ``rh x rw x 3`` or None, bool mask ``rh x rw``) after crop, flip and resize."""
-    ts = _occluder_transforms(occ)
-    patch_mask = _run(ts, _mask_u8(mask)) > 127
-    patch_img = _run(ts, image) if image is not None else None
+    patch_mask = _occluder(_mask_u8(mask), occ) > 127
+    patch_img = _occluder(image, occ) if image is not None else None
     return patch_img, patch_mask
 
 
@@ -122,11 +139,31 @@ def _src(root: Path, rel: str) -> Path:
     return Path(root) / rel
 
 
-def _load_checked_image(root: Path, rel: str, hw: Sequence[int]) -> np.ndarray:
+SourceCache = dict[tuple[str, str, int], np.ndarray]
+"""Decoded source files shared by the views rendered with it: {("image"|"mask", path, threshold): array}."""
+
+
+def _cached(sources: SourceCache | None, key: tuple[str, str, int], load: Callable[[], np.ndarray]) -> np.ndarray:
+    """``load()``, or the array an earlier call with the same ``sources`` decoded (kept read-only: shared)."""
+    if sources is None:
+        return load()
+    array = sources.get(key)
+    if array is None:
+        array = load()
+        array.setflags(write=False)
+        sources[key] = array
+    return array
+
+
+def _load_checked_image(root: Path, rel: str, hw: Sequence[int], sources: SourceCache | None = None) -> np.ndarray:
     path = _src(root, rel)
-    if not path.is_file():
-        raise ViewRenderError(f"{path}: source image missing; re-run `dvc repro index views` (or fix --root)")
-    image = load_image(path)
+
+    def load() -> np.ndarray:
+        if not path.is_file():
+            raise ViewRenderError(f"{path}: source image missing; re-run `dvc repro index views` (or fix --root)")
+        return load_image(path)
+
+    image = _cached(sources, ("image", str(path), 0), load)
     if tuple(image.shape[:2]) != tuple(hw):
         raise ViewRenderError(
             f"{path}: image is {image.shape[1]}x{image.shape[0]}, the views were made for "
@@ -135,11 +172,17 @@ def _load_checked_image(root: Path, rel: str, hw: Sequence[int]) -> np.ndarray:
     return image
 
 
-def _load_checked_mask(root: Path, rel: str, threshold: int, hw: Sequence[int]) -> np.ndarray:
+def _load_checked_mask(
+    root: Path, rel: str, threshold: int, hw: Sequence[int], sources: SourceCache | None = None
+) -> np.ndarray:
     path = _src(root, rel)
-    if not path.is_file():
-        raise ViewRenderError(f"{path}: source mask missing; re-run `dvc repro index views` (or fix --root)")
-    mask = load_mask(path, threshold)
+
+    def load() -> np.ndarray:
+        if not path.is_file():
+            raise ViewRenderError(f"{path}: source mask missing; re-run `dvc repro index views` (or fix --root)")
+        return load_mask(path, threshold)
+
+    mask = _cached(sources, ("mask", str(path), int(threshold)), load)
     if tuple(mask.shape) != tuple(hw):
         raise ViewRenderError(f"{path}: mask size changed since the views were made; re-run `dvc repro index views`")
     return mask
@@ -166,11 +209,14 @@ def render_view(
     *,
     with_image: bool = True,
     with_mask: bool = True,
+    sources: SourceCache | None = None,
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Rebuild one view's pixels: (image uint8 ``HxWx3``, GT bool ``HxW``); either is None when not asked for.
 
     ``row`` is a views-table row (needs ``spec``); ``index`` is optional (a ``{sample_id: index row}``
     mapping enables a content-hash check; the spec itself holds the source paths); ``root`` is the dataset root.
+    ``sources`` (optional, e.g. one per batch of views) memoises decoded source files across calls: views of
+    one image and shared occluders are decoded once; what it returns may then be read-only (never mutate it).
     """
     spec = json.loads(row["spec"])
     if spec.get("v") != SPEC_VERSION:
@@ -180,8 +226,8 @@ def render_view(
         _check_against_index(spec, index)
     root = Path(root)
     thr = int(spec["mask_threshold"])
-    image = _load_checked_image(root, spec["image_path"], spec["source_hw"]) if with_image else None
-    mask = _load_checked_mask(root, spec["mask_path"], thr, spec["source_hw"]) if with_mask else None
+    image = _load_checked_image(root, spec["image_path"], spec["source_hw"], sources) if with_image else None
+    mask = _load_checked_mask(root, spec["mask_path"], thr, spec["source_hw"], sources) if with_mask else None
     kind = spec["kind"]
     if kind == "original":
         return image, mask
@@ -190,8 +236,8 @@ def render_view(
         return out_img, (jitter_mask(mask, spec) if mask is not None else None)
     if kind == "occluded":
         occ = spec["occluder"]
-        occ_img = _load_checked_image(root, occ["image_path"], occ["source_hw"]) if with_image else None
-        occ_mask = _load_checked_mask(root, occ["mask_path"], thr, occ["source_hw"])
+        occ_img = _load_checked_image(root, occ["image_path"], occ["source_hw"], sources) if with_image else None
+        occ_mask = _load_checked_mask(root, occ["mask_path"], thr, occ["source_hw"], sources)
         p_img, p_mask = occluder_patch(occ_img, occ_mask, occ)
         out_img = paste_occluder(image, p_img, p_mask, occ["paste"]) if image is not None else None
         if mask is None:
@@ -201,6 +247,6 @@ def render_view(
 
 
 __all__ = [
-    "SPEC_VERSION", "ViewRenderError", "jitter_image", "jitter_mask", "occluder_patch", "paste_occluder",
+    "SPEC_VERSION", "SourceCache", "ViewRenderError", "jitter_image", "jitter_mask", "occluder_patch", "paste_occluder",
     "pasted_occluder_mask", "render_view",
 ]

@@ -16,6 +16,8 @@ import torch
 from segment_anything.modeling.mask_decoder import MaskDecoder
 from torch import Tensor, nn
 
+from pipeline.modeling.patched_transformer import two_way_forward
+
 
 class DecodeResult(NamedTuple):
     low_res_logits: Tensor  # (B, M, 4g, 4g)
@@ -60,26 +62,33 @@ def decode_with_alpha(
     tokens = torch.cat((output_tokens, sparse.to(output_tokens.dtype)), dim=1)
 
     src = image_embeddings + dense  # one embedding per prompt: no repeat_interleave
-    pos_src = image_pe.expand(b, -1, -1, -1)
-    out = (transformer if transformer is not None else dec.transformer)(src, pos_src, tokens)
-    hs, src = out[0], out[1]
-    alpha = out[2] if len(out) > 2 else None
-    iou_token_out = hs[:, 0, :]
-    mask_tokens_out = hs[:, 1 : 1 + dec.num_mask_tokens, :]
-
-    upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-    hyper_in = torch.stack(
-        [dec.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in range(dec.num_mask_tokens)], dim=1
-    )
-    ub, uc, uh, uw = upscaled.shape
-    masks = (hyper_in @ upscaled.view(ub, uc, uh * uw)).view(ub, -1, uh, uw)
-    iou_pred = dec.iou_prediction_head(iou_token_out)
-
-    if multimask_output is None:
-        mask_slice = slice(None)
+    if transformer is None or hasattr(transformer, "forward_seq"):
+        # The image side as a (B, HW, C) sequence from the start, made contiguous once (SAM's permuted view
+        # makes every projection of layer 1 copy it again); the dense PE stays (1, HW, C) and broadcasts.
+        keys = src.flatten(2).transpose(1, 2).contiguous()
+        key_pe = image_pe.flatten(2).transpose(1, 2)
+        if transformer is None:
+            hs, src, alpha = two_way_forward(dec.transformer, keys, key_pe, tokens, (h, w))
+        else:
+            hs, src, alpha = transformer.forward_seq(keys, key_pe, tokens, (h, w))
     else:
-        mask_slice = slice(1, None) if multimask_output else slice(0, 1)
-    return DecodeResult(masks[:, mask_slice], iou_pred[:, mask_slice], hs, alpha)
+        out = transformer(src, image_pe.expand(b, -1, -1, -1), tokens)
+        hs, src = out[0], out[1]
+        alpha = out[2] if len(out) > 2 else None
+    iou_token_out = hs[:, 0, :]
+
+    # Only the mask tokens that are returned go through their hypernetwork MLP (SAM computes all four and
+    # slices afterwards; each mask is a separate row of the product, so the kept ones are unchanged).
+    if multimask_output is None:
+        kept = list(range(dec.num_mask_tokens))
+    else:
+        kept = list(range(1, dec.num_mask_tokens)) if multimask_output else [0]
+    upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+    hyper_in = torch.stack([dec.output_hypernetworks_mlps[i](hs[:, 1 + i, :]) for i in kept], dim=1)
+    ub, uc, uh, uw = upscaled.shape
+    masks = (hyper_in @ upscaled.reshape(ub, uc, uh * uw)).view(ub, -1, uh, uw)
+    iou_pred = dec.iou_prediction_head(iou_token_out)[:, kept[0]: kept[-1] + 1]
+    return DecodeResult(masks, iou_pred, hs, alpha)
 
 
 def decode(

@@ -102,19 +102,31 @@ class DeformableSampling(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def offsets(self, x_star: Tensor) -> Tensor:
-        """``x*_p (B, C, H, W)`` -> Δp ``(B, H, W, 2)`` in grid_sample units, bounded by ``offset_range`` cells."""
+        """``x*_p (B, C, H, W)`` -> Δp ``(B, H, W, 2)`` in grid_sample units, bounded by ``offset_range`` cells.
+
+        The LayerNorm, GELU and last 1x1 conv run channels-last on ``(B, H, W, C)`` (the same arithmetic as
+        the ``offset_net`` modules called in order, without their permute copies).
+        """
         h, w = x_star.shape[-2:]
-        raw = self.offset_net(x_star).permute(0, 2, 3, 1)
+        dwconv, norm, act, last = self.offset_net
+        y = dwconv(x_star).permute(0, 2, 3, 1)  # (B, H, W, C)
+        raw = F.linear(act(norm.norm(y)), last.weight.flatten(1))  # (B, H, W, 2)
         raw = raw.to(torch.promote_types(raw.dtype, torch.float32))
         scale = cells_to_grid_units(h, w, device=x_star.device, dtype=raw.dtype)
         return torch.tanh(raw) * self.offset_range * scale
 
     def sampling_grid(self, x_p: Tensor, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """``x_p (B, H*W, C)`` -> (``x*_p (B, C, H, W)``, sampling grid ``p + Δp (B, H, W, 2)``)."""
+        """``x_p (B, H*W, C)`` -> (``x*_p (B, C, H, W)``, sampling grid ``p + Δp (B, H, W, 2)``).
+
+        The 1x1 re-projection runs as one matmul on the sequence; ``x*_p`` is its channels-last view.
+        """
         h, w = hw
         if h < 2 or w < 2:
             raise ValueError(f"DSP needs a grid of at least 2x2 cells, got {h}x{w}")
-        x_star = self.proj(seq_to_map(x_p, hw))
+        b, n, c = x_p.shape
+        if n != h * w:
+            raise ValueError(f"sequence length {n} does not match grid {h}x{w}")
+        x_star = F.linear(x_p, self.proj.weight.flatten(1), self.proj.bias).view(b, h, w, c).permute(0, 3, 1, 2)
         delta = self.offsets(x_star)
         grid = base_grid(h, w, device=x_p.device, dtype=delta.dtype) + delta
         return x_star, grid

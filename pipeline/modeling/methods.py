@@ -110,6 +110,25 @@ class PromptableDecoder(nn.Module):
         self.mask_decoder = mask_decoder  # shared and frozen, or this method's own copy
         self.transformer = transformer  # patched transformer holding the plugins, or None
         self.has_router = transformer is not None and transformer.layer.router is not None
+        self._pe_cache: tuple[tuple, Tensor] | None = None  # (key, dense PE (1, C, g, g)): see dense_pe()
+
+    def dense_pe(self) -> Tensor:
+        """SAM's dense positional encoding ``(1, C, g, g)``, computed once per device (it depends only on the
+        frozen Gaussian matrix; recomputing it cost a sin/cos over the grid on every call). Recomputed when
+        that buffer moves or is overwritten, and kept apart for inference mode (whose tensors autograd refuses).
+        """
+        gauss = self.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+        key = (gauss.device, gauss.data_ptr(), gauss._version, torch.is_inference_mode_enabled())
+        if self._pe_cache is None or self._pe_cache[0] != key:
+            with torch.no_grad():
+                self._pe_cache = (key, self.prompt_encoder.get_dense_pe())
+        return self._pe_cache[1]
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the PE cache behind (it may hold an inference-mode tensor)."""
+        state = super().__getstate__()
+        state["_pe_cache"] = None
+        return state
 
     # ---------------------------------------------------------------------------------------------
     def forward(self, image_embeddings: Tensor, prompts: PromptBatch,
@@ -129,7 +148,7 @@ class PromptableDecoder(nn.Module):
         sparse, dense = self.prompt_encoder(points=points, boxes=prompts.boxes, masks=prompts.mask_inputs)
         if sparse.shape[0] != b:  # no prompt at all: SAM's encoder returns a batch of 1
             sparse, dense = sparse.expand(b, -1, -1), dense.expand(b, -1, -1, -1)
-        image_pe = self.prompt_encoder.get_dense_pe()
+        image_pe = self.dense_pe()
         image_embeddings = image_embeddings.to(dense.dtype)
         res = decode_with_alpha(self.mask_decoder, image_embeddings, image_pe, sparse, dense, multimask_output,
                                 transformer=self.transformer)

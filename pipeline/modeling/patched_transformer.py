@@ -97,7 +97,8 @@ class PatchedAttentionBlock(nn.Module):
         a1 = alpha[:, 0].view(-1, 1, 1).to(keys.dtype)
         a2 = alpha[:, 1].view(-1, 1, 1).to(keys.dtype)
         deformed, grid = self.sampler(keys, hw)
-        mixed = a1 * deformed + a2 * keys
+        # One contiguous (B, HW, C) mixture: the projections below then read it without copying it again.
+        mixed = torch.addcmul(a2 * keys, a1, deformed.contiguous())
         pe = key_pe
         if self.resample_pe and grid is not None:
             pe = a1 * resample_seq(key_pe, grid, hw) + a2 * key_pe
@@ -110,8 +111,7 @@ class PatchedAttentionBlock(nn.Module):
 
         # Image-to-token attention on the ORIGINAL x_p (unchanged).
         q = queries + query_pe
-        k = keys + key_pe
-        keys = blk.norm4(keys + blk.cross_attn_image_to_token(q=k, k=q, v=queries))
+        keys = blk.norm4(keys + blk.cross_attn_image_to_token(q=keys + key_pe, k=q, v=queries))
         return queries, keys, alpha
 
 
@@ -133,19 +133,65 @@ class PatchedTwoWayTransformer(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """image_embedding ``(B, C, H, W)``, image_pe ``(B, C, H, W)``, point_embedding ``(B, T, C)`` ->
         (tokens ``(B, T, C)``, image side ``(B, HW, C)``, α ``(B, 2)``)."""
-        base = self.base
         h, w = image_embedding.shape[-2:]
         keys = image_embedding.flatten(2).permute(0, 2, 1)
         key_pe = image_pe.flatten(2).permute(0, 2, 1)
-        queries = point_embedding
-        alpha: Optional[Tensor] = None
-        for i, layer in enumerate(base.layers):
-            if i == self.layer_index:
-                queries, keys, alpha = self.layer(queries, keys, point_embedding, key_pe, (h, w))
-            else:
-                queries, keys = layer(queries=queries, keys=keys, query_pe=point_embedding, key_pe=key_pe)
-        q = queries + point_embedding
-        k = keys + key_pe
-        queries = base.norm_final_attn(queries + base.final_attn_token_to_image(q=q, k=k, v=keys))
+        return self.forward_seq(keys, key_pe, point_embedding, (h, w))
+
+    def forward_seq(
+        self, keys: Tensor, key_pe: Tensor, point_embedding: Tensor, hw: tuple[int, int]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The same on the image side as a sequence: keys ``(B, HW, C)``, key_pe ``(1 or B, HW, C)``."""
+        queries, keys, alpha = two_way_forward(self.base, keys, key_pe, point_embedding, hw,
+                                               patched=self.layer, layer_index=self.layer_index)
         assert alpha is not None
         return queries, keys, alpha
+
+
+def attention_block(
+    block: TwoWayAttentionBlock, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor
+) -> tuple[Tensor, Tensor]:
+    """SAM's ``TwoWayAttentionBlock.forward``, step for step, with ``keys + key_pe`` computed once (SAM adds
+    it twice, to the same unchanged keys): the same numbers, one ``(B, HW, C)`` add less."""
+    if block.skip_first_layer_pe:
+        queries = block.self_attn(q=queries, k=queries, v=queries)
+    else:
+        q = queries + query_pe
+        queries = queries + block.self_attn(q=q, k=q, v=queries)
+    queries = block.norm1(queries)
+    k = keys + key_pe
+    q = queries + query_pe
+    queries = block.norm2(queries + block.cross_attn_token_to_image(q=q, k=k, v=keys))
+    queries = block.norm3(queries + block.mlp(queries))
+    q = queries + query_pe
+    keys = block.norm4(keys + block.cross_attn_image_to_token(q=k, k=q, v=queries))
+    return queries, keys
+
+
+def two_way_forward(
+    base: TwoWayTransformer,
+    keys: Tensor,
+    key_pe: Tensor,
+    point_embedding: Tensor,
+    hw: tuple[int, int],
+    *,
+    patched: Optional[PatchedAttentionBlock] = None,
+    layer_index: int = 1,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """SAM's ``TwoWayTransformer.forward`` on the image side as a sequence, optionally with layer
+    ``layer_index`` replaced by ``patched``.
+
+    keys ``(B, HW, C)``, key_pe ``(1 or B, HW, C)``, point_embedding ``(B, T, C)`` ->
+    (tokens ``(B, T, C)``, image side ``(B, HW, C)``, α ``(B, 2)`` or ``None`` without a patched layer).
+    """
+    queries = point_embedding
+    alpha: Optional[Tensor] = None
+    for i, layer in enumerate(base.layers):
+        if patched is not None and i == layer_index:
+            queries, keys, alpha = patched(queries, keys, point_embedding, key_pe, hw)
+        else:
+            queries, keys = attention_block(layer, queries, keys, point_embedding, key_pe)
+    q = queries + point_embedding
+    k = keys + key_pe
+    queries = base.norm_final_attn(queries + base.final_attn_token_to_image(q=q, k=k, v=keys))
+    return queries, keys, alpha

@@ -7,6 +7,7 @@ keeping its aspect ratio, so logits are simply resized back).
 """
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import numpy as np
@@ -28,22 +29,56 @@ def input_size(orig_hw: tuple[int, int], img_size: int, mode: Postprocess = "sam
     return ResizeLongestSide.get_preprocess_shape(orig_hw[0], orig_hw[1], img_size)
 
 
+def _check_image(image: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 HxWx3 RGB image, got {image.dtype} {image.shape}")
+
+
+@functools.lru_cache(maxsize=1)
+def _normalise_lut() -> np.ndarray:
+    """float32 ``[3, 256]``: ``(level - mean) / std`` per channel for every uint8 level.
+
+    Computed with the very torch float32 ops ``Sam.preprocess`` applies to each pixel, so looking a pixel
+    up here gives the bit-identical value (an elementwise subtract and divide are exactly rounded).
+    """
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 256).expand(3, 1, 256).float()
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    lut = ((levels - mean) / std)[:, 0, :].numpy().copy()
+    lut.setflags(write=False)
+    return lut
+
+
+def preprocess_into(image: np.ndarray, out: np.ndarray, img_size: int, mode: Postprocess = "sam") -> tuple[int, int]:
+    """:func:`preprocess` written into ``out`` (float32 ``[3, img_size, img_size]``, e.g. a row of a batch
+    buffer); returns (input_h, input_w). Every element of ``out`` is written (the padding with zeros).
+
+    Pure numpy on one thread: normalisation is a per-channel table lookup (bit-identical to the torch
+    arithmetic of :func:`preprocess`), so no torch thread pool is woken per image.
+    """
+    _check_image(image)
+    if out.shape != (3, img_size, img_size) or out.dtype != np.float32:
+        raise ValueError(f"expected a float32 [3, {img_size}, {img_size}] output buffer, got {out.dtype} {out.shape}")
+    in_h, in_w = input_size(image.shape[:2], img_size, mode)
+    resized = np.asarray(resize(to_pil_image(np.ascontiguousarray(image)), [in_h, in_w]))
+    lut = _normalise_lut()
+    for c in range(3):
+        np.take(lut[c], resized[:, :, c], out=out[c, :in_h, :in_w], mode="clip")  # uint8: never out of range
+    out[:, in_h:, :] = 0.0
+    out[:, :in_h, in_w:] = 0.0
+    return in_h, in_w
+
+
 def preprocess(image: np.ndarray, img_size: int, mode: Postprocess = "sam") -> tuple[torch.Tensor, tuple[int, int]]:
     """uint8 ``HxWx3`` RGB -> (float32 ``[3, img_size, img_size]``, (input_h, input_w)).
 
     Exactly ``SamPredictor.set_image``'s arithmetic: PIL resize (``ResizeLongestSide.apply_image``), then
     ``Sam.preprocess`` (normalise, zero-pad bottom/right), so an embedding made here equals SAM's own.
     """
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 HxWx3 RGB image, got {image.dtype} {image.shape}")
-    in_h, in_w = input_size(image.shape[:2], img_size, mode)
-    resized = np.array(resize(to_pil_image(np.ascontiguousarray(image)), [in_h, in_w]))
-    x = torch.as_tensor(resized).permute(2, 0, 1).contiguous().float()
-    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
-    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
-    x = (x - mean) / std
-    x = F.pad(x, (0, img_size - in_w, 0, img_size - in_h))
-    return x, (in_h, in_w)
+    _check_image(image)
+    out = np.empty((3, img_size, img_size), dtype=np.float32)
+    hw = preprocess_into(image, out, img_size, mode)
+    return torch.from_numpy(out), hw
 
 
 def to_input_coords(coords: np.ndarray, orig_hw: tuple[int, int], img_size: int, mode: Postprocess = "sam") -> np.ndarray:
