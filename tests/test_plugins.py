@@ -364,3 +364,29 @@ def test_dense_pe_is_cached_per_device_and_follows_its_buffer():
     again = dec.dense_pe()
     assert again is not first
     torch.testing.assert_close(again, sam.prompt_encoder.get_dense_pe())
+
+
+@pytest.mark.parametrize("method", ["sam", "stable_sam"])
+def test_many_prompts_on_one_image_share_layer_one_exactly(method):
+    """An expanded embedding (evaluation, the predictor) takes the shared-image-side path; it must give what
+    B separate copies of the embedding give."""
+    from pipeline.config import PluginConfig
+    from pipeline.modeling.methods import PromptBatch, build_method
+
+    sam = make_sam()
+    model = build_method(method, sam, PluginConfig(4.0, False, 16, 1, "softmax", 0.5))
+    torch.manual_seed(15)
+    with torch.no_grad():
+        for p in model.trainable_parameters():  # a trained-looking plugin: real offsets, token-dependent α
+            p.add_(0.1 * torch.randn_like(p))
+    emb = torch.randn(1, C, 8, 8)
+    xy = torch.rand(5, 2, 2) * sam.image_encoder.img_size
+    prompts = PromptBatch(boxes=torch.cat([xy.min(1).values, xy.max(1).values], dim=1))
+    with torch.no_grad():
+        shared = model(emb.expand(5, -1, -1, -1), prompts)
+        copies = model(emb.expand(5, -1, -1, -1).contiguous(), prompts)
+    assert not torch.equal(shared.low_res_logits[0], shared.low_res_logits[1])  # the prompts differ
+    torch.testing.assert_close(shared.low_res_logits, copies.low_res_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(shared.iou_pred, copies.iou_pred, atol=1e-5, rtol=1e-5)
+    if method == "stable_sam":
+        torch.testing.assert_close(shared.alpha, copies.alpha, atol=1e-6, rtol=1e-5)

@@ -38,6 +38,11 @@ def _check_shapes(image_embeddings: Tensor, image_pe: Tensor, sparse: Tensor, de
         raise ValueError(f"dense prompt embeddings must be {tuple(image_embeddings.shape)}, got {tuple(dense.shape)}")
 
 
+def _shared_rows(x: Tensor) -> bool:
+    """``x (B, ...)`` is one row expanded B times (batch stride 0, as ``expand`` makes it)."""
+    return x.stride(0) == 0
+
+
 def decode_with_alpha(
     sam_decoder: MaskDecoder,
     image_embeddings: Tensor,
@@ -65,6 +70,11 @@ def decode_with_alpha(
     if transformer is None or hasattr(transformer, "forward_seq"):
         # The image side as a (B, HW, C) sequence from the start, made contiguous once (SAM's permuted view
         # makes every projection of layer 1 copy it again); the dense PE stays (1, HW, C) and broadcasts.
+        # Many prompts on one image without mask inputs (evaluation, the predictor) share one image side
+        # until layer 1's image-to-token attention makes it per prompt: it enters as (1, HW, C), and SAM's
+        # attention broadcasts it, so layer 1's three image-side projections run once instead of B times.
+        if b > 1 and _shared_rows(image_embeddings) and _shared_rows(dense):
+            src = image_embeddings[:1] + dense[:1]
         keys = src.flatten(2).transpose(1, 2).contiguous()
         key_pe = image_pe.flatten(2).transpose(1, 2)
         if transformer is None:
