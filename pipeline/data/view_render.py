@@ -1,10 +1,9 @@
 """Rebuilding a training view's pixels from its stored spec (the geometry of pipeline/data/views.py).
 
 A view row's JSON ``spec`` holds every parameter (source paths and their content sha256, sizes, flip,
-resize, crop, paste); :func:`render_view` replays it bit-exactly with the OpenCV/numpy operations of the
-albumentations 2.x transforms with fixed parameters (HorizontalFlip, Resize, Crop, PadIfNeeded with
-``fill``/``fill_mask``), so views are stored as a few hundred bytes of JSON and rendered on demand by the
-embed stage.
+resize, crop, paste); :func:`render_view` replays it bit-exactly with albumentations 2.x transforms with
+fixed parameters (``fill``/``fill_mask`` for padding), so views are stored as a few hundred bytes of
+JSON and rendered on demand by the embed stage.
 """
 from __future__ import annotations
 
@@ -13,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import albumentations as A
 import cv2
 import numpy as np
 
@@ -28,73 +28,66 @@ class ViewRenderError(StageError):
 
 
 # --------------------------------------------------------------------------------------------------
-# Geometry: the OpenCV/numpy operations albumentations 2.x applies for the fixed-parameter transforms
-# HorizontalFlip, Resize(INTER_LINEAR), Crop and PadIfNeeded(top_left, constant fill), called directly
-# (building an albumentations pipeline per view cost more than the pixels); tests/test_embed_render.py
-# checks them bit for bit against the albumentations pipelines.
+# Geometry (albumentations 2.x with fixed parameters: deterministic, no random draws inside)
 def _mask_u8(mask: np.ndarray) -> np.ndarray:
     return mask.astype(np.uint8) * np.uint8(255)
 
 
-def _hflip(array: np.ndarray) -> np.ndarray:
-    return cv2.flip(array, 1)
+def _run(transforms: list[A.BasicTransform], array: np.ndarray) -> np.ndarray:
+    return A.Compose(transforms)(image=array)["image"]
 
 
-def _resize_linear(array: np.ndarray, hw: Sequence[int]) -> np.ndarray:
-    h, w = int(hw[0]), int(hw[1])
-    if array.shape[:2] == (h, w):
-        return array
-    return cv2.resize(array, (w, h), interpolation=cv2.INTER_LINEAR)
-
-
-def _crop(array: np.ndarray, box: Sequence[int]) -> np.ndarray:
+def _check_crop(box: Sequence[int], hw: Sequence[int]) -> None:
+    """A crop outside the image it applies to means a stale or hand-edited views table."""
     x0, y0, x1, y1 = (int(v) for v in box)
-    h, w = array.shape[:2]
+    h, w = int(hw[0]), int(hw[1])
     if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
         raise ViewRenderError(f"view spec crop {list(box)} lies outside its {w}x{h} image; re-run `dvc repro views`")
-    return array[y0:y1, x0:x1]
 
 
-def _pad_bottom_right(array: np.ndarray, size: int, fill: int) -> np.ndarray:
-    h, w = array.shape[:2]
-    out = np.full((max(h, size), max(w, size)) + array.shape[2:], fill, dtype=array.dtype)
-    out[:h, :w] = array
-    return out
-
-
-def _jitter(array: np.ndarray, spec: Mapping[str, Any], fill: int) -> np.ndarray:
-    """Flip (if set) -> resize -> crop -> pad bottom/right to ``canvas`` with ``fill``."""
-    if spec["flip"]:
-        array = _hflip(array)
-    array = _resize_linear(array, spec["resize"])
-    array = _crop(array, spec["crop"])
-    return _pad_bottom_right(array, int(spec["canvas"]), fill)
+def _jitter_transforms(spec: Mapping[str, Any], fill: int) -> list[A.BasicTransform]:
+    rh, rw = spec["resize"]
+    x0, y0, x1, y1 = spec["crop"]
+    _check_crop(spec["crop"], (rh, rw))
+    size = spec["canvas"]
+    ts: list[A.BasicTransform] = [A.HorizontalFlip(p=1.0)] if spec["flip"] else []
+    ts += [
+        A.Resize(rh, rw, interpolation=cv2.INTER_LINEAR),
+        A.Crop(x_min=x0, y_min=y0, x_max=x1, y_max=y1),
+        A.PadIfNeeded(min_height=size, min_width=size, position="top_left",
+                      border_mode=cv2.BORDER_CONSTANT, fill=fill, fill_mask=0),
+    ]
+    return ts
 
 
 def jitter_image(image: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
     """uint8 ``HxWx3`` -> the jitter view's ``canvas x canvas x 3`` image (padding = ``pad_fill``)."""
-    return _jitter(image, spec, int(spec["pad_fill"]))
+    return _run(_jitter_transforms(spec, int(spec["pad_fill"])), image)
 
 
 def jitter_mask(mask: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
     """bool ``HxW`` -> the jitter view's bool ``canvas x canvas`` GT (bilinear on 0/255, > 127; pad 0)."""
-    return _jitter(_mask_u8(mask), spec, 0) > 127
+    return _run(_jitter_transforms(spec, 0), _mask_u8(mask)) > 127
 
 
-def _occluder(array: np.ndarray, occ: Mapping[str, Any]) -> np.ndarray:
-    """Crop -> flip (if set) -> resize."""
-    array = _crop(array, occ["crop"])
+def _occluder_transforms(occ: Mapping[str, Any], hw: Sequence[int]) -> list[A.BasicTransform]:
+    x0, y0, x1, y1 = occ["crop"]
+    _check_crop(occ["crop"], hw)
+    rh, rw = occ["resize"]
+    ts: list[A.BasicTransform] = [A.Crop(x_min=x0, y_min=y0, x_max=x1, y_max=y1)]
     if occ["flip"]:
-        array = _hflip(array)
-    return _resize_linear(array, occ["resize"])
+        ts.append(A.HorizontalFlip(p=1.0))
+    ts.append(A.Resize(rh, rw, interpolation=cv2.INTER_LINEAR))
+    return ts
 
 
 def occluder_patch(
     image: np.ndarray | None, mask: np.ndarray, occ: Mapping[str, Any]
 ) -> tuple[np.ndarray | None, np.ndarray]:
     """The occluder's (image ``rh x rw x 3`` or None, bool mask ``rh x rw``) after crop, flip and resize."""
-    patch_mask = _occluder(_mask_u8(mask), occ) > 127
-    patch_img = _occluder(image, occ) if image is not None else None
+    ts = _occluder_transforms(occ, mask.shape[:2])
+    patch_mask = _run(ts, _mask_u8(mask)) > 127
+    patch_img = _run(ts, image) if image is not None else None
     return patch_img, patch_mask
 
 
