@@ -84,13 +84,7 @@ class PatchedAttentionBlock(nn.Module):
         """queries ``(B, T, C)``, keys ``(B, HW, C)``, query_pe ``(B, T, C)``, key_pe ``(B, HW, C)`` ->
         (queries ``(B, T, C)``, keys ``(B, HW, C)``, α ``(B, 2)``)."""
         blk = self.block
-        # Self attention block (unchanged; SAM's code path for both PE settings).
-        if blk.skip_first_layer_pe:
-            queries = blk.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + query_pe
-            queries = queries + blk.self_attn(q=q, k=q, v=queries)
-        queries = blk.norm1(queries)
+        queries = token_self_attention(blk, queries, query_pe)  # unchanged
 
         # Token-to-image attention on the routed mixture x' (the only patched step).
         alpha = self._alpha(queries)
@@ -148,17 +142,22 @@ class PatchedTwoWayTransformer(nn.Module):
         return queries, keys, alpha
 
 
-def attention_block(
-    block: TwoWayAttentionBlock, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor
-) -> tuple[Tensor, Tensor]:
-    """SAM's ``TwoWayAttentionBlock.forward``, step for step, with ``keys + key_pe`` computed once (SAM adds
-    it twice, to the same unchanged keys): the same numbers, one ``(B, HW, C)`` add less."""
+def token_self_attention(block: TwoWayAttentionBlock, queries: Tensor, query_pe: Tensor) -> Tensor:
+    """The block's first step, SAM's code path for both PE settings: queries ``(B, T, C)`` -> ``(B, T, C)``."""
     if block.skip_first_layer_pe:
         queries = block.self_attn(q=queries, k=queries, v=queries)
     else:
         q = queries + query_pe
         queries = queries + block.self_attn(q=q, k=q, v=queries)
-    queries = block.norm1(queries)
+    return block.norm1(queries)
+
+
+def attention_block(
+    block: TwoWayAttentionBlock, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor
+) -> tuple[Tensor, Tensor]:
+    """SAM's ``TwoWayAttentionBlock.forward``, step for step, with ``keys + key_pe`` computed once (SAM adds
+    it twice, to the same unchanged keys): the same numbers, one ``(B, HW, C)`` add less."""
+    queries = token_self_attention(block, queries, query_pe)
     k = keys + key_pe
     q = queries + query_pe
     queries = block.norm2(queries + block.cross_attn_token_to_image(q=q, k=k, v=keys))
