@@ -210,3 +210,17 @@ def test_config_imports_neither_torch_nor_segment_anything(test_params_path: Pat
 def test_config_holes_are_closed(override: dict[str, Any], message: str, test_params_path: Path) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_params(test_params_path, override)
+
+
+def test_default_runs_one_seed_and_make_seeds_overrides_a_real_param():
+    """The default profile trains one seed (the 10-minute run); `make seeds` sets `seeds.extra` through
+    `dvc exp run -S`, and its value must pass the config's validation."""
+    default = load_params(PROJECT_ROOT / "params.yaml")
+    assert tuple(default.seeds.extra) == ()
+    makefile = (PROJECT_ROOT / "Makefile").read_text()
+    assert "dvc exp run -S 'seeds.extra=$(SEEDS)'" in makefile
+    m = re.search(r"^SEEDS \?= (\S+)$", makefile, re.MULTILINE)
+    assert m, "Makefile lost its SEEDS default"
+    extra = yaml.safe_load(m.group(1))
+    seeded = replace(default, **{"seeds.extra": extra})
+    assert len(seeded.seeds.extra) >= 2 and default.seed not in seeded.seeds.extra  # >= 3 seeds in all
