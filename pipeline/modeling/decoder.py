@@ -56,7 +56,8 @@ def decode_with_alpha(
 
     ``multimask_output=None`` returns all four outputs ``[B, 4, 4g, 4g]`` (single-mask token first), which
     SAM-style pre-training needs (pipeline/training/pretrain_base.py).
-    ``transformer`` defaults to ``sam_decoder.transformer``; any module with the call signature
+    ``transformer`` defaults to ``sam_decoder.transformer``; a module with ``forward_seq`` (the patched
+    transformer) gets the image side as a sequence, any other one is called with
     ``(src (B, C, g, g), pos (B, C, g, g), tokens (B, T, C)) -> (tokens, src (B, g*g, C)[, α (B, 2)])``.
     """
     _check_shapes(image_embeddings, image_pe, sparse, dense)
@@ -66,7 +67,6 @@ def decode_with_alpha(
     output_tokens = output_tokens.unsqueeze(0).expand(b, -1, -1)
     tokens = torch.cat((output_tokens, sparse.to(output_tokens.dtype)), dim=1)
 
-    src = image_embeddings + dense  # one embedding per prompt: no repeat_interleave
     if transformer is None or hasattr(transformer, "forward_seq"):
         # The image side as a (B, HW, C) sequence from the start, made contiguous once (SAM's permuted view
         # makes every projection of layer 1 copy it again); the dense PE stays (1, HW, C) and broadcasts.
@@ -75,6 +75,8 @@ def decode_with_alpha(
         # attention broadcasts it, so layer 1's three image-side projections run once instead of B times.
         if b > 1 and _shared_rows(image_embeddings) and _shared_rows(dense):
             src = image_embeddings[:1] + dense[:1]
+        else:
+            src = image_embeddings + dense  # one embedding per prompt: no repeat_interleave
         keys = src.flatten(2).transpose(1, 2).contiguous()
         key_pe = image_pe.flatten(2).transpose(1, 2)
         if transformer is None:
@@ -82,7 +84,7 @@ def decode_with_alpha(
         else:
             hs, src, alpha = transformer.forward_seq(keys, key_pe, tokens, (h, w))
     else:
-        out = transformer(src, image_pe.expand(b, -1, -1, -1), tokens)
+        out = transformer(image_embeddings + dense, image_pe.expand(b, -1, -1, -1), tokens)
         hs, src = out[0], out[1]
         alpha = out[2] if len(out) > 2 else None
     iou_token_out = hs[:, 0, :]
