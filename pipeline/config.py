@@ -116,16 +116,26 @@ class BasePretrainConfig:
     images: int
     thin_fraction: float
     mask_prompt_p: float
+    parts_steps: int  # second phase (0 = none): from the first phase's weights, with part targets
+    parts_lr: float
+    parts_images: int
+    part_p: float  # share of the second phase's targets that are a part of the object
 
     def validate(self) -> None:
         _positive("base_pretrain.grid", self.grid)
         _probability("base_pretrain.thin_fraction", self.thin_fraction)
         _probability("base_pretrain.mask_prompt_p", self.mask_prompt_p)
+        _probability("base_pretrain.part_p", self.part_p)
         if self.img_size % self.grid:
             raise ConfigError("base_pretrain.img_size must be a multiple of base_pretrain.grid")
         for key in ("steps", "batch_size", "images"):
             _positive(f"base_pretrain.{key}", getattr(self, key))
         _positive("base_pretrain.lr", self.lr)
+        if self.parts_steps < 0:
+            raise ConfigError("base_pretrain.parts_steps must be >= 0 (0 = no part phase)")
+        if self.parts_steps:
+            _positive("base_pretrain.parts_lr", self.parts_lr)
+            _positive("base_pretrain.parts_images", self.parts_images)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
     python -m stages.pretrain_base --params params.yaml --out assets/tiny_sam.pt
 
-Not a DVC stage (it takes about an hour on two CPU cores); its output is a committed asset whose sha256
+Not a DVC stage (two phases, about two hours on two CPU cores); its output is a committed asset whose sha256
 is pinned in pipeline/modeling/backbones.py. See pipeline/training/pretrain_base.py for the recipe; the
 work is done by :func:`pipeline.training.pretrain_base.run_pretrain_base`.
 """

@@ -89,7 +89,7 @@ def build_tiny(img_size: int = 256, grid: int = 32) -> Sam:
 
 _DL = "https://dl.fbaipublicfiles.com/segment_anything"
 TINY_ASSET = PROJECT_ROOT / "assets" / "tiny_sam.pt"
-TINY_SHA256 = "e853c0d6cb260a62f1df471f1950da9edae8f874b3409294f0a89dc6721de857"  # assets/tiny_sam.pt; see stages/pretrain_base.py
+TINY_SHA256 = "a7264a7b4fed9a61dc40ef4c190e586562fcfc7ded1ec6a3786f0b6c3ab2b14b"  # assets/tiny_sam.pt; see stages/pretrain_base.py
 
 BACKBONES: dict[str, BackboneSpec] = {
     "vit_h": BackboneSpec("vit_h", f"{_DL}/sam_vit_h_4b8939.pth", 2_564_550_879,

@@ -9,13 +9,22 @@ three multi-mask outputs with the minimum loss only; boxes and several points su
 output token; an MSE loss trains the IoU head. Loss: focal-free BCE + Dice on the 4g x 4g logits.
 A GT-box-only warm-up comes first (an easier curriculum: the box pins the location down).
 
+Two phases. The first trains on whole objects (``base_pretrain.steps``). The second
+(``base_pretrain.parts_steps``, from the first one's weights, at ``parts_lr``) makes a share ``part_p`` of the
+targets a PART of the object (:func:`part_of`), as SA-1B annotates wholes, parts and sub-parts: a prompt
+that covers a piece of an object becomes a valid prompt for that piece. That is what real SAM brings to
+HQ sets and what Stable-SAM corrects (a box that cuts an object, one click on it); a base trained on whole
+objects only already answers a sloppy prompt with the whole object, leaving a plugin nothing to learn.
+
 The result, ``assets/tiny_sam.pt``, is committed (about 21 MB) with its sha256 in the registry;
-regenerate it with one command (deterministic by seed on the CPU, about an hour on two cores):
+regenerate it with one command (deterministic by seed on the CPU, about two hours on two cores; the first
+phase's weights are kept as ``<out stem>-phase1.pt`` and reused when its report matches):
 
     python -m stages.pretrain_base --params params.yaml --out assets/tiny_sam.pt
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -32,6 +41,7 @@ from tqdm import tqdm
 
 from pipeline.common.atomic import atomic_write_json, atomic_write_torch
 from pipeline.common.cli import StageError
+from pipeline.common.hashing import sha256_file
 from pipeline.common.torch_files import load_error_reason
 from pipeline.config import BasePretrainConfig, GenerateConfig, Params, PromptsConfig
 from pipeline.data.synthetic import generate_sample
@@ -57,8 +67,10 @@ class Pool:
     hi_targets: torch.Tensor  # bool [N, S, S]: GT in the padded input frame, for sampling points
 
 
-def build_pool(n: int, seed_tag: int, cfg: BasePretrainConfig, gen: GenerateConfig, style: str | None = None) -> Pool:
-    """Render ``n`` generator scenes into the model-input frame."""
+def build_pool(n: int, seed_tag: int, cfg: BasePretrainConfig, gen: GenerateConfig, style: str | None = None,
+               parts: bool = True) -> Pool:
+    """Render ``n`` generator scenes into the model-input frame; with ``parts``, a share ``cfg.part_p`` of the
+    targets is a part of the object (:func:`part_of`) instead of the whole."""
     s, lo = cfg.img_size, 4 * cfg.grid
     images = torch.zeros(n, 3, s, s, dtype=torch.uint8)
     targets = torch.zeros(n, lo, lo)
@@ -69,14 +81,37 @@ def build_pool(n: int, seed_tag: int, cfg: BasePretrainConfig, gen: GenerateConf
         rng = np.random.default_rng([cfg.seed, seed_tag, i])
         st = style or ("thin" if rng.random() < cfg.thin_fraction else "salient")
         sample = generate_sample(rng, st, gen.min_side, gen.max_side, gen.max_distractors)
+        target = part_of(sample.target, rng) if parts and cfg.part_p > 0 and rng.random() < cfg.part_p else sample.target
         x, (h, w) = preprocess(sample.image, s)
         raw = (x * std + mean).round().clamp(0, 255)
         raw[:, h:, :] = 0
         raw[:, :, w:] = 0
         images[i] = raw.to(torch.uint8)
-        targets[i] = mask_to_input_frame(sample.target, s, lo)
-        hi[i] = mask_to_input_frame(sample.target, s, s) > 0.5
+        targets[i] = mask_to_input_frame(target, s, lo)
+        hi[i] = mask_to_input_frame(target, s, s) > 0.5
     return Pool(images, targets, hi)
+
+
+def part_of(mask: np.ndarray, rng: np.random.Generator, tries: int = 8) -> np.ndarray:
+    """A part of a bool ``[H, W]`` object mask: the object cut by a random window spanning 35-75 % of its
+    bounding box on each axis, keeping at least 15 % of its pixels (the whole mask if no draw does).
+
+    SAM's SA-1B annotates wholes, parts and sub-parts, so a prompt that covers a piece of an object is a valid
+    prompt for that piece; this is what misleads SAM when a sloppy box cuts an object (Stable-SAM, §1)."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) < 32:
+        return mask
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    for _ in range(tries):
+        bh = max(1, int(round((y1 - y0) * rng.uniform(0.35, 0.75))))
+        bw = max(1, int(round((x1 - x0) * rng.uniform(0.35, 0.75))))
+        top = int(rng.integers(y0, y1 - bh + 1))
+        left = int(rng.integers(x0, x1 - bw + 1))
+        part = np.zeros_like(mask)
+        part[top:top + bh, left:left + bw] = mask[top:top + bh, left:left + bw]
+        if part.sum() >= max(16, 0.15 * len(xs)):
+            return part
+    return mask
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
@@ -165,11 +200,43 @@ def quick_eval(sam: Sam, pool: Pool, batch: int = 16) -> dict[str, float]:
     return {k: 100 * float(np.mean(v)) for k, v in scores.items()}
 
 
+def phase_configs(cfg: BasePretrainConfig) -> list[BasePretrainConfig]:
+    """The pre-training phases: whole objects for ``steps``; then, when ``parts_steps`` > 0, part targets
+    (``part_p``) for ``parts_steps`` at ``parts_lr`` on ``parts_images`` scenes. Keys a phase does not use
+    are zeroed, so changing the second phase never invalidates the first one's finished weights."""
+    first = dataclasses.replace(cfg, part_p=0.0, parts_steps=0, parts_lr=0.0, parts_images=0)
+    if not cfg.parts_steps:
+        return [first]
+    second = dataclasses.replace(cfg, steps=cfg.parts_steps, lr=cfg.parts_lr, images=cfg.parts_images,
+                                 parts_steps=0, parts_lr=0.0, parts_images=0)
+    return [first, second]
+
+
+def config_dict(cfg: BasePretrainConfig) -> dict:
+    """``cfg`` as the plain dict stored in reports and resume states."""
+    return {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+
+
+def finished_report(out: Path, cfg: BasePretrainConfig) -> dict | None:
+    """The report of a finished run of ``cfg`` at ``out`` (weights + ``.json`` with the same config and
+    steps, no resume state left), else None."""
+    report_path = Path(out).with_suffix(".json")
+    if not (Path(out).is_file() and report_path.is_file()) or Path(out).with_suffix(".train-state.pt").is_file():
+        return None
+    try:
+        report = json.loads(report_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return report if report.get("steps") == cfg.steps and report.get("config") == config_dict(cfg) else None
+
+
 def pretrain(cfg: BasePretrainConfig, gen_cfg: GenerateConfig, prompts_cfg: PromptsConfig, out: Path, *, resume: bool = True,
-             holdout: int = 96, log_every: int = 50, eval_every: int = 250, stop_after: int | None = None) -> dict:
+             holdout: int = 96, log_every: int = 50, eval_every: int = 250, stop_after: int | None = None,
+             init: Path | None = None) -> dict:
     """Train the tiny SAM on clean prompts; writes ``out`` (state dict) and ``out.json`` (quality).
 
-    Every ``eval_every`` steps it scores the held-out scenes and saves ``out`` plus a resumable
+    Starts from random weights, or from the state dict at ``init`` (a later phase). Every ``eval_every``
+    steps it scores the held-out scenes (whole objects) and saves ``out`` plus a resumable
     ``out.train-state.pt``; ``stop_after`` (tests) checkpoints at that step and returns, like a killed run.
     """
     torch.manual_seed(cfg.seed)
@@ -178,8 +245,12 @@ def pretrain(cfg: BasePretrainConfig, gen_cfg: GenerateConfig, prompts_cfg: Prom
     out = Path(out)
     state_path = out.with_suffix(".train-state.pt")
     pool = build_pool(cfg.images, POOL_SEED_TAG, cfg, gen_cfg)
-    held = build_pool(holdout, HOLDOUT_SEED_TAG, cfg, gen_cfg)
+    held = build_pool(holdout, HOLDOUT_SEED_TAG, cfg, gen_cfg, parts=False)  # scored on whole objects
     sam = build_tiny(cfg.img_size, cfg.grid)
+    init_sha = None
+    if init is not None:
+        sam.load_state_dict(torch.load(init, map_location="cpu", weights_only=True))
+        init_sha = sha256_file(init)
     sam.train()
     decoder = sam_decoder(sam)
     params = [p for p in sam.parameters() if p.requires_grad]
@@ -202,9 +273,13 @@ def pretrain(cfg: BasePretrainConfig, gen_cfg: GenerateConfig, prompts_cfg: Prom
             gen.set_state(st["gen"])
             torch.set_rng_state(st["torch_rng"])
             step, history = int(st["step"]), json.loads(st["history"])
+            saved = json.loads(st.get("config", "null"))
         except Exception as exc:  # noqa: BLE001 - any unreadable or foreign state file gets the same advice
             raise StageError(f"{state_path}: unreadable pre-training state ({load_error_reason(exc)}); delete it to "
                              "start pre-training over, or run without resume") from None
+        if saved != {**config_dict(cfg), "init_sha256": init_sha}:
+            raise StageError(f"{state_path}: a resume state of another pre-training run (config or initial weights "
+                             "differ); delete it to start this run over, or restore the params it was made with")
         print(f"resumed pre-training at step {step}")
     box_only_steps = int(0.25 * cfg.steps)
     t0 = time.time()
@@ -253,16 +328,17 @@ def pretrain(cfg: BasePretrainConfig, gen_cfg: GenerateConfig, prompts_cfg: Prom
             quality = quick_eval(sam, held)
             history.append({"step": step, **quality})
             tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.1f}" for k, v in quality.items()))
-            _save(sam, opt, gen, step, history, out, state_path)
+            _save(sam, opt, gen, step, history, out, state_path, {**config_dict(cfg), "init_sha256": init_sha})
         if stop_after is not None and step == stop_after:
-            _save(sam, opt, gen, step, history, out, state_path)
+            _save(sam, opt, gen, step, history, out, state_path, {**config_dict(cfg), "init_sha256": init_sha})
             bar.close()
             return {"stopped_at": step}
     bar.close()
     quality = quick_eval(sam, held)
     report = {"steps": step, "holdout_images": holdout, "holdout_miou_lowres": quality, "history": history,
-              "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}
+              "config": config_dict(cfg), "init_sha256": init_sha}
     atomic_write_json(out.with_suffix(".json"), report)
+    state_path.unlink(missing_ok=True)  # finished: a later run reuses the report instead of resuming
     return report
 
 
@@ -282,24 +358,34 @@ def _repad(images: torch.Tensor, targets: torch.Tensor, hi: torch.Tensor) -> tup
 
 
 def _save(sam: Sam, opt: torch.optim.Optimizer, gen: torch.Generator, step: int, history: list, out: Path,
-          state_path: Path) -> None:
+          state_path: Path, config: dict) -> None:
     atomic_write_torch(out, sam.state_dict())  # in-memory save: the same weights give the same bytes
     atomic_write_torch(state_path, {"model": sam.state_dict(), "optim": opt.state_dict(), "gen": gen.get_state(),
                                     "torch_rng": torch.get_rng_state(), "step": step,
-                                    "history": json.dumps(history)})
+                                    "history": json.dumps(history), "config": json.dumps(config)})
 
 
 def run_pretrain_base(params: Params, out: Path, *, steps: int | None = None, resume: bool = True,
                       threads: int = 0) -> dict:
     """Regenerate the tiny base at ``out`` (``steps`` overrides ``base_pretrain.steps``); prints its sha256."""
-    from pipeline.common.hashing import sha256_file  # noqa: PLC0415
     from pipeline.config import replace  # noqa: PLC0415
 
     if threads:
         torch.set_num_threads(threads)
     if steps:
         params = replace(params, **{"base_pretrain.steps": steps})
-    report = pretrain(params.base_pretrain, params.generate, params.prompts, Path(out), resume=resume)
+    out = Path(out)
+    phases = phase_configs(params.base_pretrain)
+    init: Path | None = None
+    for k, cfg in enumerate(phases, 1):
+        dest = out if k == len(phases) else out.with_name(f"{out.stem}-phase{k}{out.suffix}")
+        report = finished_report(dest, cfg) if resume else None
+        if report is not None:
+            print(f"phase {k}/{len(phases)}: reusing {dest} (finished, same config)")
+        else:
+            print(f"phase {k}/{len(phases)}: {cfg.steps} steps -> {dest}")
+            report = pretrain(cfg, params.generate, params.prompts, dest, resume=resume, init=init)
+        init = dest
     print(json.dumps(report["holdout_miou_lowres"], indent=2))
     print(f"{out}: sha256 {sha256_file(out)} (put it in pipeline/modeling/backbones.py TINY_SHA256)")
     return report
