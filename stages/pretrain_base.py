@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default="assets/tiny_sam.pt")
     ap.add_argument("--steps", type=int, default=None, help="override base_pretrain.steps")
-    ap.add_argument("--no-resume", action="store_true", help="start over even if a train-state file exists")
+    ap.add_argument("--no-resume", action="store_true", help="start over: ignore train-state files and finished phases")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -134,7 +134,7 @@ def test_pretrain_base_saves_deterministic_files(tmp_path: Path) -> None:
     for name in ("one", "two"):
         out = tmp_path / name / "sam.pt"
         out.parent.mkdir()
-        pretrain_base._save(model, opt, gen, 3, [[1, 0.5]], out, out.with_suffix(".train-state.pt"))
+        pretrain_base._save(model, opt, gen, 3, [[1, 0.5]], out, out.with_suffix(".train-state.pt"), {"steps": 3})
         hashes.append(sha(out))
     assert hashes[0] == hashes[1]
 
