@@ -1,14 +1,19 @@
 """The embedded base model's pre-training path: deterministic, resumable, loadable as a tiny SAM."""
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from pipeline.common.cli import StageError
+from pipeline.common.hashing import sha256_file
 from pipeline.config import replace
 from pipeline.modeling.backbones import build_sam
-from pipeline.training.pretrain_base import box_prompts, mask_prompts, point_prompts, pretrain
+from pipeline.training.pretrain_base import (box_prompts, build_pool, mask_prompts, part_of, phase_configs, point_prompts,
+                                             pretrain, run_pretrain_base)
 from tests.fakes import load_test_params
 
 
@@ -65,8 +70,6 @@ def test_prompt_helpers_stay_inside_the_mask():
 def test_part_targets_are_pieces_of_the_object_and_deterministic():
     """``part_of`` cuts the object with a window: a subset of the mask, smaller than it, at least 15 % of it,
     the same for the same generator state; a mask too small to cut comes back whole."""
-    from pipeline.training.pretrain_base import part_of
-
     mask = np.zeros((80, 100), bool)
     mask[10:70, 20:90] = True
     mask[30:40, 40:60] = False  # a hole
@@ -84,28 +87,18 @@ def test_part_targets_are_pieces_of_the_object_and_deterministic():
 def test_part_p_replaces_some_pool_targets_by_parts_and_never_the_holdout():
     """With ``part_p`` 1 every pool target is a strict piece of the whole one; the held-out pool (scored on
     whole objects) ignores it; ``part_p`` 0 gives the whole objects."""
-    from pipeline.training.pretrain_base import build_pool
-
     cfg, gen, _ = _cfg(1)
-    whole = build_pool(4, 1, replace_cfg(cfg, part_p=0.0), gen)
-    parts = build_pool(4, 1, replace_cfg(cfg, part_p=1.0), gen)
-    held = build_pool(4, 1, replace_cfg(cfg, part_p=1.0), gen, parts=False)
+    whole = build_pool(4, 1, dataclasses.replace(cfg, part_p=0.0), gen)
+    parts = build_pool(4, 1, dataclasses.replace(cfg, part_p=1.0), gen)
+    held = build_pool(4, 1, dataclasses.replace(cfg, part_p=1.0), gen, parts=False)
     assert torch.equal(whole.images, parts.images) and torch.equal(whole.hi_targets, held.hi_targets)
     assert not (parts.hi_targets & ~whole.hi_targets).any()
     assert (parts.hi_targets.sum((1, 2)) < whole.hi_targets.sum((1, 2))).all()
 
 
-def replace_cfg(cfg, **kw):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **kw)
-
-
 def test_two_phases_reuse_the_finished_first_phase_and_refuse_a_foreign_resume_state(tmp_path):
     """The part phase starts from the whole-object phase's weights; a rerun reuses a finished phase instead of
     training it again; a resume state made by another config is refused with the fix."""
-    from pipeline.training.pretrain_base import phase_configs, run_pretrain_base
-
     params = replace(load_test_params(), **{
         "base_pretrain.img_size": 64, "base_pretrain.grid": 8, "base_pretrain.steps": 2, "base_pretrain.batch_size": 2,
         "base_pretrain.images": 4, "generate.min_side": 64, "generate.max_side": 96, "base_pretrain.parts_steps": 2,
@@ -115,11 +108,7 @@ def test_two_phases_reuse_the_finished_first_phase_and_refuse_a_foreign_resume_s
     out = tmp_path / "tiny.pt"
     run_pretrain_base(params, out)
     phase1 = tmp_path / "tiny-phase1.pt"
-    import json
-
     report = json.loads(out.with_suffix(".json").read_text())
-    from pipeline.common.hashing import sha256_file
-
     assert report["init_sha256"] == sha256_file(phase1) and report["config"]["part_p"] == 1.0
     a, b = torch.load(phase1, weights_only=True), torch.load(out, weights_only=True)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the second phase trained
