@@ -120,12 +120,16 @@ class BasePretrainConfig:
     parts_lr: float
     parts_images: int
     part_p: float  # share of the second phase's targets that are a part of the object
+    group_p: float  # share of the second phase's targets that are the object with the objects touching it
 
     def validate(self) -> None:
         _positive("base_pretrain.grid", self.grid)
         _probability("base_pretrain.thin_fraction", self.thin_fraction)
         _probability("base_pretrain.mask_prompt_p", self.mask_prompt_p)
         _probability("base_pretrain.part_p", self.part_p)
+        _probability("base_pretrain.group_p", self.group_p)
+        if self.part_p + self.group_p > 1:
+            raise ConfigError("base_pretrain.part_p + base_pretrain.group_p must be <= 1 (the rest are whole objects)")
         if self.img_size % self.grid:
             raise ConfigError("base_pretrain.img_size must be a multiple of base_pretrain.grid")
         for key in ("steps", "batch_size", "images"):
@@ -231,6 +235,7 @@ class PluginConfig:
     drp_token_index: int
     drp_norm: Literal["softmax", "sigmoid"]
     drp_init_alpha1: float
+    dsp_zero_mean: bool = False  # plugin files written before this key existed were trained without it
 
     def validate(self) -> None:
         _positive("plugin.dsp_offset_range", self.dsp_offset_range)

@@ -130,6 +130,21 @@ def test_forced_equivalence_with_resampled_pe():
         assert (model(emb, p).low_res_logits - out.low_res_logits).abs().max() > 1e-4
 
 
+def test_zero_mean_dsp_is_built_from_the_params_and_still_starts_as_sam():
+    """``plugin.dsp_zero_mean`` reaches the DSP of every DSP method; untrained, the method is still SAM."""
+    from pipeline.modeling.dsp import DeformableSampling
+
+    sam = make_sam()
+    emb, p = _embeddings(), _prompts("box")
+    for method in ("dsp", "stable_sam"):
+        model = build_method(method, sam, dataclasses.replace(PLUGIN, dsp_zero_mean=True))
+        dsps = [m for m in model.modules() if isinstance(m, DeformableSampling)]
+        assert len(dsps) == 1 and dsps[0].zero_mean
+        with torch.no_grad():
+            torch.testing.assert_close(model(emb, p).low_res_logits, _vanilla(sam, emb, p, False)[0], atol=1e-5, rtol=1e-5)
+    assert not [m for m in build_method("stable_sam", sam, PLUGIN).modules() if isinstance(m, DeformableSampling)][0].zero_mean
+
+
 def test_trained_plugins_change_the_output_and_report_alpha():
     sam = make_sam()
     emb, p = _embeddings(), _prompts("box")

@@ -89,6 +89,31 @@ def test_dsp_offsets_are_bounded_and_trainable():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_zero_mean_dsp_cannot_translate_the_whole_map():
+    """``zero_mean``: each map's raw offsets have mean 0 before the tanh bound. An all-positive last weight reads
+    GELU's positive mean at every cell: the plain DSP then shifts the whole map, the zero-mean one does not."""
+    torch.manual_seed(0)
+    h = w = 6
+    x = torch.randn(2, h * w, C)
+    plain, centred = DeformableSampling(channels=C), DeformableSampling(channels=C, zero_mean=True)
+    centred.load_state_dict(plain.state_dict())
+    unit = torch.tensor([2.0 / (w - 1), 2.0 / (h - 1)])
+
+    def cells(dsp: DeformableSampling) -> torch.Tensor:
+        return dsp.offsets(dsp.proj(seq_to_map(x, (h, w)))) / unit  # (B, H, W, 2) in grid cells
+
+    with torch.no_grad():
+        for dsp in (plain, centred):
+            dsp.offset_net[-1].weight.normal_(0, 0.02)
+        raw = torch.atanh(cells(centred) / centred.offset_range)
+        assert raw.mean(dim=(1, 2)).abs().max() < 1e-4 and raw.abs().max() > 1e-2
+        for dsp in (plain, centred):
+            dsp.offset_net[-1].weight.fill_(0.02)
+        plain_shift = cells(plain).mean(dim=(1, 2)).norm(dim=-1)  # (B,) mean offset of each map
+        centred_shift = cells(centred).mean(dim=(1, 2)).norm(dim=-1)
+    assert (plain_shift > 0.5).all() and (centred_shift < 0.1 * plain_shift).all()
+
+
 def test_dsp_rejects_a_one_cell_grid():
     with pytest.raises(ValueError, match="2x2"):
         DeformableSampling(channels=C)(torch.randn(1, 1, C), (1, 1))

@@ -12,8 +12,9 @@ from pipeline.common.cli import StageError
 from pipeline.common.hashing import sha256_file
 from pipeline.config import replace
 from pipeline.modeling.backbones import build_sam
-from pipeline.training.pretrain_base import (box_prompts, build_pool, mask_prompts, part_of, phase_configs, point_prompts,
-                                             pretrain, run_pretrain_base)
+from pipeline.config import ConfigError
+from pipeline.training.pretrain_base import (box_prompts, build_pool, group_of, mask_prompts, part_of, phase_configs,
+                                             point_prompts, pretrain, run_pretrain_base)
 from tests.fakes import load_test_params
 
 
@@ -94,6 +95,34 @@ def test_part_p_replaces_some_pool_targets_by_parts_and_never_the_holdout():
     assert torch.equal(whole.images, parts.images) and torch.equal(whole.hi_targets, held.hi_targets)
     assert not (parts.hi_targets & ~whole.hi_targets).any()
     assert (parts.hi_targets.sum((1, 2)) < whole.hi_targets.sum((1, 2))).all()
+
+
+def test_group_targets_add_the_touching_objects_only():
+    """``group_of`` unites the object with the instances that touch it (4-neighbourhood) and leaves out the
+    ones that do not; with nothing touching it returns the object itself."""
+    obj = np.zeros((20, 30), bool)
+    obj[5:10, 5:10] = True
+    touching = np.zeros_like(obj)
+    touching[5:10, 10:14] = True  # shares an edge with the object
+    apart = np.zeros_like(obj)
+    apart[15:18, 20:25] = True
+    group = group_of(obj, [obj, touching, apart])
+    assert np.array_equal(group, obj | touching)
+    assert np.array_equal(group_of(obj, [obj, apart]), obj)
+
+
+def test_group_p_makes_pool_targets_supersets_and_part_p_plus_group_p_is_checked():
+    """With ``group_p`` 1 every pool target contains the whole object (generated scenes have a touching
+    distractor, so most grow); the held-out pool stays whole; shares over 1 are refused naming both keys."""
+    cfg, gen, _ = _cfg(1)
+    whole = build_pool(6, 1, dataclasses.replace(cfg, part_p=0.0, group_p=0.0), gen)
+    groups = build_pool(6, 1, dataclasses.replace(cfg, part_p=0.0, group_p=1.0), gen)
+    held = build_pool(6, 1, dataclasses.replace(cfg, part_p=0.0, group_p=1.0), gen, parts=False)
+    assert torch.equal(whole.images, groups.images) and torch.equal(whole.hi_targets, held.hi_targets)
+    assert not (whole.hi_targets & ~groups.hi_targets).any()
+    assert (groups.hi_targets.sum((1, 2)) > whole.hi_targets.sum((1, 2))).any()
+    with pytest.raises(ConfigError, match=r"part_p \+ base_pretrain.group_p"):
+        replace(load_test_params(), **{"base_pretrain.part_p": 0.6, "base_pretrain.group_p": 0.5})
 
 
 def test_two_phases_reuse_the_finished_first_phase_and_refuse_a_foreign_resume_state(tmp_path):

@@ -8,8 +8,9 @@ those the pipeline would produce with these params. Variants (:data:`VARIANTS`):
 - the ladder of methods on the default recipe: frozen ``sam``; ``pt_sam`` (output tokens); ``dsp`` (DSP,
   α fixed); ``stable_sam`` (DSP + DRP); ``dt_sam`` (the whole decoder: the ceiling of what the cached
   embeddings allow a decoder-side method);
-- ``stable_sam`` under other budgets (steps), a cosine schedule, the old single stored prompt per view,
-  and the prompt mix without coarse-mask prompts;
+- ``stable_sam`` with the other ``plugin.dsp_zero_mean`` (DSP offsets free to translate the whole map, or
+  not), under other budgets (steps), a cosine schedule, the old single stored prompt per view, and the
+  prompt mix without coarse-mask prompts;
 - the DRP's start: its gradient at step 0 (zero while DSP is the identity) and after a few steps.
 
 Results go to ``<out>/fidelity.json`` and ``reports/fidelity.md``'s measured tables (``--report``).
@@ -59,6 +60,9 @@ def variants(params: Params) -> list[Variant]:
         Variant("dsp", "dsp", {}, "DSP alone, α = (1, 0)"),
         Variant("stable_sam", "stable_sam", {}, "DSP + DRP, the default recipe"),
         Variant("dt_sam", "dt_sam", {"train.lr": params.train.lr / 10}, "the whole decoder (ceiling), lr / 10"),
+        Variant("stable_sam free offsets" if params.plugin.dsp_zero_mean else "stable_sam zero-mean offsets",
+                "stable_sam", {"plugin.dsp_zero_mean": not params.plugin.dsp_zero_mean},
+                "DSP offsets with their per-map mean (a translation of the whole map) allowed or removed"),
         Variant(f"stable_sam {half_n:g} {unit}", "stable_sam", {key: half_n}, "half the budget"),
         Variant(f"stable_sam {double_n:g} {unit}", "stable_sam", {key: double_n}, "twice the budget"),
         Variant("stable_sam cosine", "stable_sam", {"train.lr_schedule": "cosine", "train.warmup_steps": 20},

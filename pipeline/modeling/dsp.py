@@ -71,17 +71,20 @@ class _ChannelLayerNorm(nn.Module):
 class DeformableSampling(nn.Module):
     """DSP: ``(B, H*W, C)`` features -> ``(B, H*W, C)`` features read at learned offsets (any H, W >= 2)."""
 
-    def __init__(self, *, channels: int, offset_range: float = 4.0, kernel_size: int = 5) -> None:
+    def __init__(self, *, channels: int, offset_range: float = 4.0, kernel_size: int = 5, zero_mean: bool = False) -> None:
         """
         Args:
           channels: C, the decoder's transformer width (256 for SAM).
           offset_range: r, the largest offset in grid cells (``plugin.dsp_offset_range``) [assume].
           kernel_size: the depth-wise conv's kernel (5 in the paper's figure).
+          zero_mean: remove each map's mean raw offset before the tanh bound (``plugin.dsp_zero_mean``)
+            [assume]: the offsets then cannot translate the whole map, only move cells relative to each other.
         """
         super().__init__()
         if offset_range <= 0:
             raise ValueError(f"offset_range must be > 0 grid cells, got {offset_range}")
         self.offset_range = float(offset_range)
+        self.zero_mean = bool(zero_mean)
         self.proj = nn.Conv2d(channels, channels, kernel_size=1)
         self.offset_net = nn.Sequential(
             nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels),
@@ -112,6 +115,8 @@ class DeformableSampling(nn.Module):
         y = dwconv(x_star).permute(0, 2, 3, 1)  # (B, H, W, C)
         raw = F.linear(act(norm.norm(y)), last.weight.flatten(1))  # (B, H, W, 2)
         raw = raw.to(torch.promote_types(raw.dtype, torch.float32))
+        if self.zero_mean:
+            raw = raw - raw.mean(dim=(1, 2), keepdim=True)
         scale = cells_to_grid_units(h, w, device=x_star.device, dtype=raw.dtype)
         return torch.tanh(raw) * self.offset_range * scale
 

@@ -205,7 +205,7 @@ def _plugin_transformer(name: str, decoder: MaskDecoder, plugin: PluginConfig) -
     if name == "spatial_attention":
         sampler: nn.Module = SpatialAttention(channels=channels)
     else:
-        sampler = DeformableSampling(channels=channels, offset_range=plugin.dsp_offset_range)
+        sampler = DeformableSampling(channels=channels, offset_range=plugin.dsp_offset_range, zero_mean=plugin.dsp_zero_mean)
     router = None
     if name != "dsp":
         router = DynamicRouting(channels=channels, hidden=plugin.drp_hidden, norm=plugin.drp_norm,

@@ -70,7 +70,8 @@ class Pool:
 def build_pool(n: int, seed_tag: int, cfg: BasePretrainConfig, gen: GenerateConfig, style: str | None = None,
                parts: bool = True) -> Pool:
     """Render ``n`` generator scenes into the model-input frame; with ``parts``, a share ``cfg.part_p`` of the
-    targets is a part of the object (:func:`part_of`) instead of the whole."""
+    targets is a part of the object (:func:`part_of`) and a share ``cfg.group_p`` the object with its touching
+    neighbours (:func:`group_of`) instead of the whole."""
     s, lo = cfg.img_size, 4 * cfg.grid
     images = torch.zeros(n, 3, s, s, dtype=torch.uint8)
     targets = torch.zeros(n, lo, lo)
@@ -81,7 +82,11 @@ def build_pool(n: int, seed_tag: int, cfg: BasePretrainConfig, gen: GenerateConf
         rng = np.random.default_rng([cfg.seed, seed_tag, i])
         st = style or ("thin" if rng.random() < cfg.thin_fraction else "salient")
         sample = generate_sample(rng, st, gen.min_side, gen.max_side, gen.max_distractors)
-        target = part_of(sample.target, rng) if parts and cfg.part_p > 0 and rng.random() < cfg.part_p else sample.target
+        target = sample.target
+        if parts and cfg.part_p > 0 and rng.random() < cfg.part_p:
+            target = part_of(target, rng)
+        elif parts and cfg.group_p > 0 and rng.random() < cfg.group_p / (1.0 - cfg.part_p):
+            target = group_of(target, [m for _, m in sample.instances])
         x, (h, w) = preprocess(sample.image, s)
         raw = (x * std + mean).round().clamp(0, 255)
         raw[:, h:, :] = 0
@@ -112,6 +117,24 @@ def part_of(mask: np.ndarray, rng: np.random.Generator, tries: int = 8) -> np.nd
         if part.sum() >= max(16, 0.15 * len(xs)):
             return part
     return mask
+
+
+def group_of(mask: np.ndarray, instances: Sequence[np.ndarray]) -> np.ndarray:
+    """The object ``mask`` (bool ``[H, W]``) united with every instance mask that touches it (within one
+    pixel); the object alone when nothing touches it.
+
+    SA-1B also annotates groups (a box around two touching objects is a prompt for both), so real SAM answers a
+    box that reaches over a neighbour with the neighbour included: the margin of a sloppy box misleads it."""
+    grown = mask.copy()
+    grown[1:] |= mask[:-1]
+    grown[:-1] |= mask[1:]
+    grown[:, 1:] |= mask[:, :-1]
+    grown[:, :-1] |= mask[:, 1:]
+    out = mask.copy()
+    for other in instances:
+        if (other & ~mask).any() and (other & grown & ~mask).any():
+            out |= other
+    return out
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
@@ -204,7 +227,7 @@ def phase_configs(cfg: BasePretrainConfig) -> list[BasePretrainConfig]:
     """The pre-training phases: whole objects for ``steps``; then, when ``parts_steps`` > 0, part targets
     (``part_p``) for ``parts_steps`` at ``parts_lr`` on ``parts_images`` scenes. Keys a phase does not use
     are zeroed, so changing the second phase never invalidates the first one's finished weights."""
-    first = dataclasses.replace(cfg, part_p=0.0, parts_steps=0, parts_lr=0.0, parts_images=0)
+    first = dataclasses.replace(cfg, part_p=0.0, group_p=0.0, parts_steps=0, parts_lr=0.0, parts_images=0)
     if not cfg.parts_steps:
         return [first]
     second = dataclasses.replace(cfg, steps=cfg.parts_steps, lr=cfg.parts_lr, images=cfg.parts_images,
@@ -212,9 +235,6 @@ def phase_configs(cfg: BasePretrainConfig) -> list[BasePretrainConfig]:
     return [first, second]
 
 
-def config_dict(cfg: BasePretrainConfig) -> dict:
-    """``cfg`` as the plain dict stored in reports and resume states."""
-    return {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
 
 
 def finished_report(out: Path, cfg: BasePretrainConfig) -> dict | None:
@@ -227,7 +247,7 @@ def finished_report(out: Path, cfg: BasePretrainConfig) -> dict | None:
         report = json.loads(report_path.read_text())
     except (OSError, ValueError):
         return None
-    return report if report.get("steps") == cfg.steps and report.get("config") == config_dict(cfg) else None
+    return report if report.get("steps") == cfg.steps and report.get("config") == dataclasses.asdict(cfg) else None
 
 
 def pretrain(cfg: BasePretrainConfig, gen_cfg: GenerateConfig, prompts_cfg: PromptsConfig, out: Path, *, resume: bool = True,
@@ -251,6 +271,7 @@ def pretrain(cfg: BasePretrainConfig, gen_cfg: GenerateConfig, prompts_cfg: Prom
     if init is not None:
         sam.load_state_dict(torch.load(init, map_location="cpu", weights_only=True))
         init_sha = sha256_file(init)
+    run_id = {**dataclasses.asdict(cfg), "init_sha256": init_sha}  # what a resume state must match
     sam.train()
     decoder = sam_decoder(sam)
     params = [p for p in sam.parameters() if p.requires_grad]
@@ -277,7 +298,7 @@ def pretrain(cfg: BasePretrainConfig, gen_cfg: GenerateConfig, prompts_cfg: Prom
         except Exception as exc:  # noqa: BLE001 - any unreadable or foreign state file gets the same advice
             raise StageError(f"{state_path}: unreadable pre-training state ({load_error_reason(exc)}); delete it to "
                              "start pre-training over, or run without resume") from None
-        if saved != {**config_dict(cfg), "init_sha256": init_sha}:
+        if saved != run_id:
             raise StageError(f"{state_path}: a resume state of another pre-training run (config or initial weights "
                              "differ); delete it to start this run over, or restore the params it was made with")
         print(f"resumed pre-training at step {step}")
@@ -328,15 +349,15 @@ def pretrain(cfg: BasePretrainConfig, gen_cfg: GenerateConfig, prompts_cfg: Prom
             quality = quick_eval(sam, held)
             history.append({"step": step, **quality})
             tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.1f}" for k, v in quality.items()))
-            _save(sam, opt, gen, step, history, out, state_path, {**config_dict(cfg), "init_sha256": init_sha})
+            _save(sam, opt, gen, step, history, out, state_path, run_id)
         if stop_after is not None and step == stop_after:
-            _save(sam, opt, gen, step, history, out, state_path, {**config_dict(cfg), "init_sha256": init_sha})
+            _save(sam, opt, gen, step, history, out, state_path, run_id)
             bar.close()
             return {"stopped_at": step}
     bar.close()
     quality = quick_eval(sam, held)
     report = {"steps": step, "holdout_images": holdout, "holdout_miou_lowres": quality, "history": history,
-              "config": config_dict(cfg), "init_sha256": init_sha}
+              "config": dataclasses.asdict(cfg), "init_sha256": init_sha}
     atomic_write_json(out.with_suffix(".json"), report)
     state_path.unlink(missing_ok=True)  # finished: a later run reuses the report instead of resuming
     return report
