@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import PluginConfig
+from pipeline.modeling.dsp import DeformableSampling
 from pipeline.modeling.methods import METHODS, PromptableDecoder, PromptBatch, build_method
 from tests.fakes import C, make_sam
 
@@ -132,8 +133,6 @@ def test_forced_equivalence_with_resampled_pe():
 
 def test_zero_mean_dsp_is_built_from_the_params_and_still_starts_as_sam():
     """``plugin.dsp_zero_mean`` reaches the DSP of every DSP method; untrained, the method is still SAM."""
-    from pipeline.modeling.dsp import DeformableSampling
-
     sam = make_sam()
     emb, p = _embeddings(), _prompts("box")
     for method in ("dsp", "stable_sam"):
