@@ -269,11 +269,13 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine"]
     warmup_steps: int
     sanity_views: int
+    drp_lr_scale: float
 
     def validate(self) -> None:
         _positive("train.lr", self.lr)
         _non_negative("train.warmup_steps", self.warmup_steps)
         _non_negative("train.sanity_views", self.sanity_views)
+        _positive("train.drp_lr_scale", self.drp_lr_scale)
         _non_negative("train.weight_decay", self.weight_decay)
         _probability("train.beta1", self.beta1)
         _probability("train.beta2", self.beta2)

@@ -20,7 +20,7 @@ from pipeline.prompts.tables import load_train_prompts
 from pipeline.training import ddp
 from pipeline.modeling.plugin_file import read_plugin_file
 from pipeline.training.checkpointing import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from pipeline.training.train import BatchStream, batch_loss, forward_samples, frozen_checksum, train
+from pipeline.training.train import BatchStream, batch_loss, forward_samples, frozen_checksum, param_groups, train
 from tests.fakes import free_port, tiny_sam, write_fake_cache, write_tiny_base
 
 IMG, GRID = 64, 8
@@ -218,6 +218,26 @@ def test_sam_method_writes_an_empty_plugin_and_pt_sam_trains(ws):
     assert (ws["tmp"] / "sam" / "plots" / "sam_loss.csv").read_text() == "step,loss,lr\n"
     res = run(ws, "pt_sam", "pt", params=replace(ws["params"], **{"train.max_steps": 1}))
     assert res["trainable_params"] == 5 * 256 and res["steps"] == 1
+
+
+def test_drp_lr_scale_speeds_up_only_the_router(ws):
+    """train.drp_lr_scale multiplies the DRP's lr alone: same DSP start, a router that moves further."""
+    model = build_method("stable_sam", tiny_sam(), ws["params"].plugin)
+    groups = param_groups(model, replace(ws["params"], **{"train.drp_lr_scale": 10.0}).train)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [g["lr_scale"] for g in groups] == [1.0, 10.0]
+    assert all(".router." in names[id(p)] for p in groups[1]["params"])
+    assert not any(".router." in names[id(p)] for p in groups[0]["params"])
+    assert sum(p.numel() for g in groups for p in g["params"]) == model.num_trainable
+    assert [g["lr_scale"] for g in param_groups(build_method("pt_sam", tiny_sam(), ws["params"].plugin),
+                                                 ws["params"].train)] == [1.0]
+    one = replace(ws["params"], **{"train.max_steps": 2})
+    run(ws, "stable_sam", "drp1", params=one)
+    run(ws, "stable_sam", "drp10", params=replace(one, **{"train.drp_lr_scale": 10.0}))
+    init = build_method("stable_sam", tiny_sam(), ws["params"].plugin).plugin_state_dict()
+    key = "transformer.layer.router.fc2.bias"
+    moved = {t: (plugin(ws, t)["state_dict"][key] - init[key]).abs().max().item() for t in ("drp1", "drp10")}
+    assert moved["drp10"] > 5 * moved["drp1"] > 0
 
 
 def test_dataloader_workers_give_the_same_run(ws):

@@ -5,6 +5,7 @@ shifted locations, so that the token-to-image attention can look at the object i
 background around a loose prompt. Topology from the paper's figure:
 
     x_p -> Conv1x1(C->C) = x*_p -> DWConv5x5 -> LayerNorm(C) -> GELU -> Conv1x1(C->2, no bias) = raw
+    raw = raw - mean_HW(raw)                             (plugin.dsp_zero_mean: no shift of the whole map) [assume]
     Δp  = tanh(raw) * r * 2/(size-1)                     (DAT-style bound: at most r grid cells) [assume]
     out = grid_sample(x*_p, p + Δp, bilinear, align_corners=True, padding zeros)            [assume]
 

@@ -132,7 +132,7 @@ def group_of(mask: np.ndarray, instances: Sequence[np.ndarray]) -> np.ndarray:
     grown[:, :-1] |= mask[:, 1:]
     out = mask.copy()
     for other in instances:
-        if (other & ~mask).any() and (other & grown & ~mask).any():
+        if (other & grown & ~mask).any():
             out |= other
     return out
 

@@ -168,6 +168,18 @@ def learning_rate(cfg: Any, step: int, total_steps: int) -> float:
     return cfg.lr
 
 
+def param_groups(model: torch.nn.Module, cfg: Any) -> list[dict[str, Any]]:
+    """Adam's parameter groups: the DRP's (``router``) at ``train.drp_lr_scale`` x lr, every other trainable
+    parameter at lr (first group, the one the loss history logs). Each group carries its ``lr_scale``."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    rest = [p for n, p in named if ".router." not in n]
+    router = [p for n, p in named if ".router." in n]
+    groups = [{"params": rest, "lr_scale": 1.0}] if rest else []
+    if router:
+        groups.append({"params": router, "lr_scale": float(cfg.drp_lr_scale)})
+    return groups
+
+
 def _total_steps(params: Params, per_epoch: int) -> int:
     if params.train.max_steps > 0:
         return params.train.max_steps
@@ -255,7 +267,8 @@ def _train(params: Params, method: str, ctx: ddp.DistContext, *, embeddings: Pat
     model.train()
     ddp.broadcast_parameters(trainable, ctx)
     frozen_before = frozen_checksum(sam, exclude=trainable) if ctx.is_main else ""
-    opt = torch.optim.Adam(trainable, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    opt = torch.optim.Adam(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                           weight_decay=cfg.weight_decay)
 
     stream = BatchStream(params, embeddings, table, frame, ctx, local_batch)
     per_epoch = stream.batches_per_epoch(0)
@@ -311,7 +324,7 @@ def _train(params: Params, method: str, ctx: ddp.DistContext, *, embeddings: Pat
     while step < total_steps:
         samples = next(batches)
         for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, step, total_steps)
+            group["lr"] = learning_rate(cfg, step, total_steps) * group["lr_scale"]
         opt.zero_grad(set_to_none=True)
         loss_sum, count = batch_loss(model, samples, params, device)
         # Normalise by the GLOBAL number of valid samples: with gradients averaged over ranks, the update
