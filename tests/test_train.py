@@ -221,7 +221,7 @@ def test_sam_method_writes_an_empty_plugin_and_pt_sam_trains(ws):
 
 
 def test_drp_lr_scale_speeds_up_only_the_router(ws):
-    """train.drp_lr_scale multiplies the DRP's lr alone: same DSP start, a router that moves further."""
+    """train.drp_lr_scale multiplies the DRP's lr alone: its own Adam group, a router that moves further."""
     model = build_method("stable_sam", tiny_sam(), ws["params"].plugin)
     groups = param_groups(model, replace(ws["params"], **{"train.drp_lr_scale": 10.0}).train)
     names = {id(p): n for n, p in model.named_parameters()}
