@@ -16,6 +16,9 @@ weights do not change its cost).
   JSON outputs), divided by the number of images;
 - bare: the decoder forward alone for the same images' prompt tensors already in memory (one call per
   prompt signature and ``evaluate.batch_size`` chunk, as the stage batches them), per image;
+- bf16: the same stage with the decoder under bf16 autocast (``evaluate.bf16``): ``bf16_speedup`` = stage
+  fp32 / stage bf16 time, ``bf16_max_abs_miou_change`` the largest change of a prompt type's mIoU (points),
+  ``bf16_native`` whether this CPU has native bf16 (what ``evaluate.bf16: auto`` turns it on for);
 - breakdown: an instrumented run of the same stage call, exclusive seconds per image: ``load`` (reader +
   GT decode), ``prompts`` (grouping + collation), ``prompt_encoding`` (SAM's prompt encoder), ``decode``
   (the rest of the decoder), ``postprocess``, ``iou``, ``boundary_iou``, ``rle``, ``stability``, ``write``
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.evaluation import evaluate as ev
     from pipeline.evaluation import predict
     from pipeline.inference import predictor as predictor_mod
-    from pipeline.inference.predictor import Predictor, resolve_device
+    from pipeline.inference.predictor import Predictor, native_bf16, resolve_bf16, resolve_device
     from pipeline.modeling.methods import build_method
 
     params: Params = load_params(args.params)
@@ -96,14 +99,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.manual_seed(params.seed)
         decoder = build_method(args.method, work.sam, params.plugin)
         predictor = Predictor(work.sam, decoder, postprocess=params.evaluate.postprocess, info=work.info).to(device)
+        predictor_bf16 = Predictor(work.sam, decoder, postprocess=params.evaluate.postprocess, info=work.info,
+                                   bf16=True).to(device)
         prompts = work.prompts / "eval.parquet"
         fingerprint = {"method": args.method, "base": work.info["checkpoint_sha256"]}
 
-        def stage() -> dict[str, Any]:
-            return ev.evaluate_with_predictor(params, work.eval_dataset, args.method, predictor,
-                                              embeddings=work.embeddings, prompts=prompts, out=Path(tmp) / "metrics",
-                                              predictions=Path(tmp) / "predictions", fingerprint=fingerprint,
+        last: dict[bool, dict[str, Any]] = {}  # each precision's latest metrics
+
+        def stage(bf16: bool = False) -> dict[str, Any]:
+            tag = "_bf16" if bf16 else ""
+            last[bf16] = ev.evaluate_with_predictor(params, work.eval_dataset, args.method,
+                                              predictor_bf16 if bf16 else predictor, embeddings=work.embeddings,
+                                              prompts=prompts, out=Path(tmp) / f"metrics{tag}",
+                                              predictions=Path(tmp) / f"predictions{tag}", fingerprint=fingerprint,
                                               progress=False)
+            return last[bf16]
 
         def instrumented() -> dict[str, float]:
             clock = PartClock(device)
@@ -127,18 +137,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         images = bare_inputs(predictor, work.embeddings, prompts, work.eval_dataset, params.evaluate.batch_size)
         n_prompts = sum(int(next(t.shape[0] for t in (b.boxes, b.points, b.mask_inputs) if t is not None))
                         for _f, bs in images for b in bs)
-        t_stage, t_bare, t_inst, parts = [], [], [], []
+        t_stage, t_bare, t_inst, parts, t_bf16 = [], [], [], [], []
         for i in range(args.warmup + args.repeats):
             ts = timed(stage, device) / args.images
             p = instrumented()
             tb = timed(lambda: bare_decode(predictor, images), device) / args.images
+            t16 = timed(lambda: stage(bf16=True), device) / args.images
             if i >= args.warmup:
                 t_stage.append(ts)
                 t_bare.append(tb)
                 t_inst.append(sum(p.values()))
                 parts.append(p)
+                t_bf16.append(t16)
         sync(device)
-        stage_s, bare_s = statistics.median(t_stage), statistics.median(t_bare)
+        stage_s, bare_s, bf16_s = statistics.median(t_stage), statistics.median(t_bare), statistics.median(t_bf16)
+        miou_changes = [last[True][k]["miou"] - last[False][k]["miou"] for k in last[False]]
         sizes = _image_pixels(work.embeddings, work.eval_dataset)
         return {
             "benchmark": "eval_image",
@@ -149,6 +162,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "bare_image_s": round(bare_s, 5),
             "breakdown_s": summarize_parts(parts),
             "instrumented_image_s": round(statistics.median(t_inst), 5),
+            # evaluate.bf16: the same stage with the decoder under bf16 autocast (speed option, not the ratio)
+            "bf16_stage_image_s": round(bf16_s, 5),
+            "bf16_speedup": round(stage_s / bf16_s, 3),
+            "bf16_max_abs_miou_change": round(max(abs(c) for c in miou_changes), 4),
+            "bf16_native": native_bf16(device),
+            "bf16_auto": resolve_bf16(params.evaluate.bf16, device),
             "method": args.method,
             "model": work.model_source,
             "images": args.images,

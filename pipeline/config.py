@@ -339,6 +339,7 @@ class EvaluateConfig:
     boundary_dilation_ratio: float
     gallery_images: int
     device: Literal["auto", "cpu", "cuda"]
+    bf16: Literal["auto", True, False]
     batch_size: int
     flush_every: int
     coco: tuple[dict[str, Any], ...]
@@ -551,7 +552,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key + ".")
     if origin is Literal:
-        if value not in args:
+        if not any(type(value) is type(a) and value == a for a in args):  # 1 is not True, "true" is not True
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
     if origin is tuple:

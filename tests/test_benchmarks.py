@@ -56,6 +56,10 @@ def test_eval_image_tiny_run_prints_ratio_and_breakdown(tmp_path: Path, capsys: 
     assert result["prompts_per_image"] == 2 + 2 * (len(result["eval_types"]) - 2)
     _check_timings(result, ("stage_image_s", "bare_image_s"), EVAL_PARTS, "instrumented_image_s")
     assert result["breakdown_s"]["decode"] > 0 and result["breakdown_s"]["boundary_iou"] > 0
+    # the bf16 speed option is measured beside the ratio, on the same workload
+    assert result["bf16_stage_image_s"] > 0 and result["bf16_speedup"] > 0
+    assert 0 <= result["bf16_max_abs_miou_change"] < 100 and isinstance(result["bf16_native"], bool)
+    assert result["bf16_auto"] is False  # tests/params_test.yaml: evaluate.bf16 false
 
 
 def test_part_clock_patches_are_exclusive_and_restored() -> None:

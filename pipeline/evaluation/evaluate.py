@@ -173,7 +173,7 @@ def evaluate_with_predictor(
         metrics, rows = run_coco_benchmark(params, entry, predictor, progress=progress)  # type: ignore[arg-type]
         table = pa.Table.from_pylist(rows)
     else:
-        fp = {**(fingerprint or {}), "benchmark": benchmark, "evaluate": result_params(params),
+        fp = {**(fingerprint or {}), "benchmark": benchmark, "evaluate": result_params(params), "bf16": predictor.bf16,
               "prompts": params.to_dict()["prompts"] if kind == "folder" else None,
               "entry": entry, "index": params.to_dict()["index"] if kind == "folder" else None}
         if kind == "cache":
@@ -205,7 +205,7 @@ def evaluate_with_predictor(
     return metrics
 
 
-RESULT_KEYS = ("postprocess", "boundary_dilation_ratio", "batch_size", "device")
+RESULT_KEYS = ("postprocess", "boundary_dilation_ratio", "batch_size", "device", "bf16")
 
 
 def result_params(params: Params) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from pycocotools import mask as mask_utils
 
 from pipeline.common.cli import StageError
 from pipeline.evaluation.metrics import boundary_iou_many, mask_iou_many, mask_to_boundary_many
-from pipeline.inference.predictor import Predictor, resolve_device as _resolve_device
+from pipeline.inference.predictor import Predictor, resolve_bf16, resolve_device as _resolve_device
 from pipeline.inference.prompts import Prompt
 
 log = logging.getLogger(__name__)
@@ -123,12 +123,17 @@ def stability_from_rles(rles: Sequence[dict[str, Any]]) -> float:
 # ------------------------------------------------------------------------------------------ methods
 def load_predictor(params: Any, method: str, base: Path, plugins: Path | None) -> Predictor:
     """The frozen base in ``base`` + ``method`` with its trained weights from ``plugins/<method>.pt``, on
-    ``evaluate.device``, post-processing ``evaluate.postprocess``; the architecture follows ``params.plugin``."""
+    ``evaluate.device``, post-processing ``evaluate.postprocess``, the decoder in bf16 per ``evaluate.bf16``; the
+    architecture follows ``params.plugin``."""
     plugin = None
     if plugins is not None and (Path(plugins) / f"{method}.pt").is_file():
         plugin = Path(plugins) / f"{method}.pt"
-    return Predictor.from_pretrained(base, method, plugin, device=resolve_device(params.evaluate.device),
-                                     plugin_cfg=params.plugin, postprocess=params.evaluate.postprocess)
+    device = resolve_device(params.evaluate.device)
+    bf16 = resolve_bf16(params.evaluate.bf16, device)
+    log.info("%s: decoder in %s on %s (evaluate.bf16: %s)", method, "bf16" if bf16 else "fp32", device,
+             params.evaluate.bf16)
+    return Predictor.from_pretrained(base, method, plugin, device=device, plugin_cfg=params.plugin,
+                                     postprocess=params.evaluate.postprocess, bf16=bf16)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -42,6 +42,24 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` is a CPU whose instructions do bf16 matmuls natively (AVX512-BF16 or AMX), where bf16
+    autocast is measured faster than fp32 (README "Benchmarks"); False for any other device or CPU."""
+    if device.type != "cpu":
+        return False
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(bool(check()) for check in checks if check is not None)
+
+
+def resolve_bf16(setting: bool | str, device: torch.device) -> bool:
+    """``evaluate.bf16``: ``True``/``False`` as given; ``"auto"`` = :func:`native_bf16` (CUDA: off, unmeasured)."""
+    if isinstance(setting, bool):
+        return setting
+    if setting != "auto":
+        raise ValueError(f"bf16 must be true, false or 'auto', got {setting!r}")
+    return native_bf16(device)
+
+
 @dataclass
 class MaskChunk:
     """Masks of some prompts of one image: ``indices`` into the prompts given, bool ``masks [n, H, W]``
@@ -59,10 +77,12 @@ class Predictor:
     """A frozen SAM + one method of the registry, used like ``SamPredictor``."""
 
     def __init__(self, sam: Sam, decoder: PromptableDecoder, *, postprocess: Postprocess = "sam",
-                 info: Optional[dict[str, Any]] = None) -> None:
-        """``sam``: the frozen base (its image encoder); ``decoder``: :func:`build_method` around it, weights loaded."""
+                 info: Optional[dict[str, Any]] = None, bf16: bool = False) -> None:
+        """``sam``: the frozen base (its image encoder); ``decoder``: :func:`build_method` around it, weights loaded;
+        ``bf16``: run the decoder under bf16 autocast (outputs are returned in float32; ``evaluate.bf16``)."""
         self.model = sam
         self.decoder = decoder.eval()
+        self.bf16 = bool(bf16)
         self.mode: Postprocess = postprocess
         self.info = dict(info or {})
         self.img_size = int(sam.image_encoder.img_size)
@@ -74,7 +94,7 @@ class Predictor:
     @classmethod
     def from_pretrained(cls, base_dir: str | Path, method: str = "stable_sam", plugin: str | Path | None = None, *,
                         device: str | torch.device = "auto", plugin_cfg: Any = None,
-                        postprocess: Postprocess = "sam") -> "Predictor":
+                        postprocess: Postprocess = "sam", bf16: bool = False) -> "Predictor":
         """Load ``base_dir`` (the ``base`` stage's folder) and ``method`` with its trained ``plugin`` file.
 
         The plugin architecture (``plugin`` params) comes from ``plugin_cfg`` or else from the plugin file's
@@ -97,7 +117,7 @@ class Predictor:
                 raise FileNotFoundError(f"method {method!r} has trained weights: pass its plugin file "
                                         f"(models/plugins/{method}.pt after `dvc repro train@{method}`)")
             decoder.load_plugin_state_dict(ckpt["state_dict"])
-        return cls(sam, decoder, postprocess=postprocess, info=info).to(device)
+        return cls(sam, decoder, postprocess=postprocess, info=info, bf16=bf16).to(device)
 
     def to(self, device: str | torch.device) -> "Predictor":
         dev = resolve_device(device)
@@ -164,8 +184,15 @@ class Predictor:
     # ---------------------------------------------------------------------------------- decoding
     def decode(self, embeddings: torch.Tensor, prompts: PromptBatch, multimask_output: bool = False) -> DecoderOutput:
         """The decoder call every path shares: ``embeddings [B, C, g, g]`` (one per row), model-input-frame
-        ``prompts`` -> :class:`DecoderOutput` (low_res_logits ``[B, M, 4g, 4g]``, iou_pred ``[B, M]``, alpha)."""
-        return self.decoder(embeddings, prompts, multimask_output=multimask_output)
+        ``prompts`` -> :class:`DecoderOutput` (low_res_logits ``[B, M, 4g, 4g]``, iou_pred ``[B, M]``, alpha).
+
+        With ``bf16`` the decoder runs under bf16 autocast and its outputs come back as float32."""
+        if not self.bf16:
+            return self.decoder(embeddings, prompts, multimask_output=multimask_output)
+        with torch.autocast(device_type=embeddings.device.type, dtype=torch.bfloat16):
+            out = self.decoder(embeddings, prompts, multimask_output=multimask_output)
+        return DecoderOutput(out.low_res_logits.float(), out.iou_pred.float(),
+                             None if out.alpha is None else out.alpha.float())
 
     def postprocess(self, low_res: torch.Tensor, input_size: tuple[int, int] | None = None,
                     original_size: tuple[int, int] | None = None) -> torch.Tensor:
