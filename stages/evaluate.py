@@ -1,8 +1,14 @@
-"""DVC stage `evaluate` (matrix benchmark x method): score one method on one benchmark.
+"""DVC stages `evaluate` (one per HQ set: every method), `evaluate_coco` / `evaluate_folder` (one per entry and
+method): score methods on a benchmark.
 
-    python -m stages.evaluate --params params.yaml --benchmark COIFT --method stable_sam \
+    python -m stages.evaluate --params params.yaml --benchmark COIFT --all-methods \
         --embeddings data/embeddings --prompts data/prompts/eval.parquet --base models/base \
         --plugins models/plugins --out metrics/eval --predictions data/predictions
+    python -m stages.evaluate ... --benchmark COIFT --method stable_sam ...     # one method
+
+``--all-methods`` scores every ``evaluate.methods`` entry in one process and keeps the finished outputs of a
+method whose inputs did not change (:mod:`pipeline.evaluation.reuse`), so that DVC re-running the stage for
+one retrained method scores only that method.
 
 Reads params `evaluate` (postprocess, boundary ratio, device, batch size, coco/folders entries), `plugin`
 (to rebuild the method), `prompts` (folder benchmarks and noisy COCO boxes), `data.max_images_per_set`
@@ -41,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--benchmark", "--name", dest="benchmark", required=True,
                         help="an HQ eval set, or the name of an evaluate.coco / evaluate.folders entry")
     parser.add_argument("--method", help="method name (pipeline.modeling.methods.METHODS); not with --index-only")
+    parser.add_argument("--all-methods", action="store_true",
+                        help="an HQ set: score every evaluate.methods entry in this process, reusing the finished "
+                             "outputs of methods whose inputs did not change (what dvc.yaml runs)")
     parser.add_argument("--index-only", action="store_true",
                         help="validate the user dataset --benchmark and write its index + quarantine list")
     parser.add_argument("--index-dir", type=Path, default=Path("data/eval_index"),
@@ -57,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="discard partial results of an interrupted run")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if not args.index_only and (args.method is None or args.predictions is None):
-        parser.error("--method and --predictions are required (unless --index-only)")
+    if args.all_methods and (args.method is not None or args.index_only):
+        parser.error("--all-methods scores every evaluate.methods entry: not with --method or --index-only")
+    if not args.index_only and ((args.method is None and not args.all_methods) or args.predictions is None):
+        parser.error("--method (or --all-methods) and --predictions are required (unless --index-only)")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     def work() -> None:
@@ -68,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 entry={k: getattr(args, f"entry_{k}") for k in ENTRY_FIELDS}, index_only=args.index_only,
                 index_dir=args.index_dir, embeddings=args.embeddings, prompts=args.prompts, base=args.base,
                 plugins=args.plugins, out=args.out, predictions=args.predictions, fresh=args.fresh,
-                progress=not args.quiet,
+                progress=not args.quiet, all_methods=args.all_methods,
             )
 
     return run_stage("evaluate", work)

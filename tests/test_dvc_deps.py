@@ -92,10 +92,17 @@ def test_the_check_can_fail() -> None:
 
 
 def test_tracking_and_evaluation_depend_on_what_they_must() -> None:
-    """`track` runs on every repro / exp run (one MLflow parent run per pipeline run; DVC must not skip it),
-    and each evaluate stage depends on its own method's plugin file, not on every method's."""
+    """`track` runs on every repro / exp run (one MLflow parent run per pipeline run; DVC must not skip it).
+    Each user-dataset evaluate stage depends on its own method's plugin file, not on every method's; an HQ
+    set's evaluate stage scores every method in one process, so it depends on the plugins folder and the method
+    list, and keeps its outputs (persist) for the reuse of unchanged methods (tests/test_evaluate.py)."""
     stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
     assert stages["track"].get("always_changed") is True
-    for name in ("evaluate", "evaluate_folder", "evaluate_coco"):
+    for name in ("evaluate_folder", "evaluate_coco"):
         deps = stages[name]["deps"]
         assert "models/plugins/${item.method}.pt" in deps and "models/plugins" not in deps, name
+    hq = stages["evaluate"]["do"]
+    assert "--all-methods" in hq["cmd"] and "models/plugins" in hq["deps"] and "evaluate.methods" in hq["params"]
+    outs = {next(iter(o)): o[next(iter(o))] for o in hq["outs"]}
+    assert set(outs) == {"data/predictions/${item}", "metrics/eval/${item}"}
+    assert all(o.get("persist") is True for o in outs.values())

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ from pipeline.data import rle
 from pipeline.data.embedding_format import CacheMeta
 from pipeline.evaluation import evaluate as ev_mod
 from pipeline.evaluation.coco import load_coco, segm_map
-from pipeline.evaluation.evaluate import evaluate_benchmark, evaluate_with_predictor
+from pipeline.evaluation import reuse
+from pipeline.evaluation.evaluate import evaluate_all_methods, evaluate_benchmark, evaluate_with_predictor, run_evaluate
 from pipeline.inference.predictor import Predictor
 from pipeline.evaluation.metrics import boundary_iou, mask_iou
 from pipeline.modeling.methods import build_method
@@ -278,3 +280,135 @@ def test_cli_and_clear_errors(ws: dict[str, Any], capsys: pytest.CaptureFixture[
     assert "dsp.pt" in err and "train" in err
     assert main(["--benchmark", "nope", "--method", "sam", *args]) == 2
     assert "unknown benchmark" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# One evaluate process per HQ set (evaluate@<set>): every method scored, unchanged methods reused
+# (pipeline/evaluation/reuse.py), removed methods cleaned up.
+@pytest.fixture
+def scored(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The methods actually scored (evaluate_benchmark calls), in order."""
+    calls: list[str] = []
+    real = ev_mod.evaluate_benchmark
+
+    def counting(params: Params, benchmark: str, method: str, **kw: Any) -> dict[str, Any]:
+        calls.append(method)
+        return real(params, benchmark, method, **kw)
+
+    monkeypatch.setattr(ev_mod, "evaluate_benchmark", counting)
+    return calls
+
+
+def _params(ws: dict[str, Any], methods: list[str], **over: Any) -> Params:
+    return replace(ws["params"], **{"evaluate.methods": methods, "seeds.methods": [], **over})
+
+
+def _run_all(ws: dict[str, Any], params: Params, root: Path, plugins: Path | None = None) -> dict[str, Any]:
+    return evaluate_all_methods(params, DATASET, embeddings=ws["emb"], prompts=ws["prompts"], base=ws["base"],
+                                plugins=plugins or ws["plugins"], out=root / "metrics", predictions=root / "pred",
+                                progress=False)
+
+
+def test_scores_every_method_once_then_reuses_them(ws, scored, tmp_path):
+    params = _params(ws, ["sam", "stable_sam"])
+    first = _run_all(ws, params, tmp_path)
+    assert scored == ["sam", "stable_sam"] and set(first) == {"sam", "stable_sam"}
+    for method in ("sam", "stable_sam"):
+        stored = reuse.stored_fingerprint(tmp_path / "pred" / DATASET / f"{method}.parquet")
+        assert stored is not None and stored["method"] == method and stored["code"] == reuse.code_sha256()
+    assert reuse.stored_fingerprint(tmp_path / "pred" / DATASET / "stable_sam.parquet")["plugin"] is not None
+    again = _run_all(ws, params, tmp_path)
+    assert scored == ["sam", "stable_sam"], "nothing changed, yet a method was scored again"
+    assert again == first
+
+
+def test_a_retrained_plugin_rescores_only_its_method(ws, scored, tmp_path):
+    plugins = tmp_path / "plugins"
+    shutil.copytree(ws["plugins"], plugins)
+    params = _params(ws, ["sam", "stable_sam"])
+    _run_all(ws, params, tmp_path, plugins)
+    ckpt = torch.load(plugins / "stable_sam.pt", weights_only=True)
+    for tensor in ckpt["state_dict"].values():
+        if tensor.is_floating_point():
+            tensor.add_(0.01)
+    torch.save(ckpt, plugins / "stable_sam.pt")
+    _run_all(ws, params, tmp_path, plugins)
+    assert scored == ["sam", "stable_sam", "stable_sam"]
+
+
+def test_a_rewritten_plugin_file_with_the_same_weights_is_reused(ws, scored, tmp_path):
+    """``sam``'s empty plugin file is rewritten (with the new config) whenever a training param changes."""
+    plugins = tmp_path / "plugins"
+    shutil.copytree(ws["plugins"], plugins)
+    params = _params(ws, ["sam", "stable_sam"])
+    _run_all(ws, params, tmp_path, plugins)
+    ckpt = torch.load(plugins / "stable_sam.pt", weights_only=True)
+    torch.save({**ckpt, "config": {"train": {"lr": 0.123}}, "steps": 7}, plugins / "stable_sam.pt")
+    _run_all(ws, params, tmp_path, plugins)
+    assert scored == ["sam", "stable_sam"]
+    (plugins / "stable_sam.pt").write_bytes(b"truncated")  # unreadable: hashed by bytes, scored, and reported
+    with pytest.raises(Exception, match="stable_sam.pt"):
+        _run_all(ws, params, tmp_path, plugins)
+
+
+def test_an_added_method_is_the_only_one_scored_and_a_removed_one_leaves_nothing(ws, scored, tmp_path):
+    plugins = tmp_path / "plugins"
+    shutil.copytree(ws["plugins"], plugins)
+    pt = build_method("pt_sam", ws["sam"], ws["params"].plugin)
+    torch.save({"method": "pt_sam", "state_dict": pt.plugin_state_dict()}, plugins / "pt_sam.pt")
+    two, three = ["sam", "stable_sam"], ["sam", "stable_sam", "pt_sam"]
+    _run_all(ws, _params(ws, two), tmp_path, plugins)
+    _run_all(ws, _params(ws, three, **{"train.methods": three}), tmp_path, plugins)
+    assert scored == ["sam", "stable_sam", "pt_sam"]
+    (tmp_path / "pred" / DATASET / ".pt_sam.partial").mkdir()  # a leftover of an interrupted run
+    _run_all(ws, _params(ws, two), tmp_path, plugins)
+    assert scored == ["sam", "stable_sam", "pt_sam"]
+    assert sorted(p.name for p in (tmp_path / "metrics" / DATASET).iterdir()) == ["sam.json", "stable_sam.json"]
+    assert sorted(p.name for p in (tmp_path / "pred" / DATASET).iterdir()) == ["sam.parquet", "stable_sam.parquet"]
+
+
+def test_code_params_and_inputs_changes_rescore_everything(ws, scored, tmp_path, monkeypatch):
+    params = _params(ws, ["sam", "stable_sam"])
+    _run_all(ws, params, tmp_path)
+    _run_all(ws, _params(ws, ["sam", "stable_sam"], **{"evaluate.boundary_dilation_ratio": 0.05}), tmp_path)
+    assert scored == ["sam", "stable_sam"] * 2
+    _run_all(ws, _params(ws, ["sam", "stable_sam"], **{"evaluate.bf16": True}), tmp_path)
+    assert scored == ["sam", "stable_sam"] * 3
+    monkeypatch.setattr(reuse, "code_sha256", lambda: "another code version")
+    _run_all(ws, params, tmp_path)
+    assert scored == ["sam", "stable_sam"] * 4
+    prompts = tmp_path / "prompts.parquet"
+    table = pq.read_table(ws["prompts"])
+    pq.write_table(table.slice(0, table.num_rows - 1), prompts)  # one prompt fewer
+    evaluate_all_methods(params, DATASET, embeddings=ws["emb"], prompts=prompts, base=ws["base"],
+                         plugins=ws["plugins"], out=tmp_path / "metrics", predictions=tmp_path / "pred",
+                         progress=False)
+    assert scored == ["sam", "stable_sam"] * 5
+
+
+def test_missing_metrics_or_unmarked_predictions_are_scored_again(ws, scored, tmp_path):
+    params = _params(ws, ["sam", "stable_sam"])
+    _run_all(ws, params, tmp_path)
+    (tmp_path / "metrics" / DATASET / "sam.json").unlink()  # e.g. killed between the two writes
+    pred = tmp_path / "pred" / DATASET / "stable_sam.parquet"
+    table = pq.read_table(pred)
+    pq.write_table(table.replace_schema_metadata({}), pred)  # written by an older version: no fingerprint
+    _run_all(ws, params, tmp_path)
+    assert scored == ["sam", "stable_sam", "sam", "stable_sam"]
+    assert reuse.stored_fingerprint(pred) is not None
+
+
+def test_only_hq_sets_and_no_method_with_all_methods(ws, tmp_path):
+    with pytest.raises(ValueError, match="one stage per method"):
+        evaluate_all_methods(ws["params"], "toy", embeddings=ws["emb"], prompts=ws["prompts"], base=ws["base"],
+                             plugins=ws["plugins"], out=tmp_path / "m", predictions=tmp_path / "p", progress=False)
+    with pytest.raises(ValueError, match="give no method"):
+        run_evaluate(ws["params"], DATASET, "sam", all_methods=True, predictions=tmp_path / "p")
+
+
+def test_the_stored_fingerprint_reader_tolerates_foreign_files(tmp_path):
+    assert reuse.stored_fingerprint(tmp_path / "missing.parquet") is None
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    assert reuse.stored_fingerprint(tmp_path / "junk.parquet") is None
+    pq.write_table(pa.table({"a": [1]}), tmp_path / "plain.parquet")
+    assert reuse.stored_fingerprint(tmp_path / "plain.parquet") is None

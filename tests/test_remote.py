@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 DVC = Path(sys.executable).with_name("dvc")
 # The stages run (with their upstream): embeddings, base, prompts, a trained plugin and one evaluation.
-TARGETS = ("train@stable_sam", "evaluate@COIFT-stable_sam")
+TARGETS = ("train@stable_sam", "evaluate@COIFT")
 # The test profile shrunk to what every stage still exercises (seconds per stage instead of minutes).
 SHRINK = {"generate.train_images_per_set": 2, "generate.eval_images_per_set": 2, "train.max_steps": 2,
           "train.batch_size": 4, "train.sanity_views": 4, "prompts.eval_draws": 1}

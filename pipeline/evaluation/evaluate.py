@@ -1,4 +1,8 @@
-"""The ``evaluate`` stage: score one method on one benchmark with the stored, identical prompts.
+"""The ``evaluate`` stages: score methods on a benchmark with the stored, identical prompts.
+
+An HQ set's stage (``evaluate@<set>``) scores every ``evaluate.methods`` entry in one process
+(:func:`evaluate_all_methods`), keeping the finished outputs of methods whose inputs did not change
+(:mod:`pipeline.evaluation.reuse`); a user dataset has one stage per method (:func:`evaluate_benchmark`).
 
 Benchmarks (``--benchmark``):
 
@@ -46,9 +50,14 @@ from pipeline.common.atomic import atomic_path, atomic_write_json, finite_json
 from pipeline.common.hashing import sha256_bytes, sha256_file
 from pipeline.config import Params
 from pipeline.data import rle
-from pipeline.evaluation.predict import EvaluationError, load_predictor, predict_and_score, stability_from_rles
+from pipeline.evaluation.predict import (
+    EvaluationError, load_predictor, predict_and_score, resolve_device, stability_from_rles,
+)
+from pipeline.evaluation.reuse import (
+    FINGERPRINT_KEY, encode_fingerprint, method_fingerprint, remove_unlisted, reusable, shared_inputs,
+)
 from pipeline.evaluation.user_datasets import check_entry, resolve_benchmark, validate_folder, write_user_index
-from pipeline.inference.predictor import Predictor
+from pipeline.inference.predictor import Predictor, resolve_bf16
 from pipeline.inference.prompts import Prompt
 from pipeline.modeling.transforms import input_size
 
@@ -93,6 +102,7 @@ def evaluate_benchmark(
     out: Path,
     predictions: Path,
     progress: bool = True,
+    output_fingerprint: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Load the base SAM and ``method``'s weights, score ``benchmark``, write the JSON + parquet; return the metrics."""
     predictor = load_predictor(params, method, Path(base), plugins)
@@ -103,8 +113,52 @@ def evaluate_benchmark(
     return evaluate_with_predictor(
         params, benchmark, method, predictor,
         embeddings=embeddings, prompts=prompts, out=out, predictions=predictions,
-        fingerprint=fingerprint, progress=progress,
+        fingerprint=fingerprint, progress=progress, output_fingerprint=output_fingerprint,
     )
+
+
+def evaluate_all_methods(
+    params: Params,
+    benchmark: str,
+    *,
+    embeddings: Path,
+    prompts: Path,
+    base: Path,
+    plugins: Path | None,
+    out: Path,
+    predictions: Path,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Score every ``evaluate.methods`` entry on the HQ set ``benchmark`` in this process (one ``evaluate@B``
+    stage); a method whose finished outputs were made from the same inputs is reused, not scored again
+    (:mod:`pipeline.evaluation.reuse`), and outputs of methods no longer listed are removed.
+    Returns {method: metrics}."""
+    kind, _ = resolve_benchmark(params, benchmark)
+    if kind != "cache":
+        raise ValueError(f"{benchmark}: scoring every method in one process is for the HQ sets of the embedding "
+                         "cache; a COCO / folder entry has one stage per method (evaluate_coco / evaluate_folder)")
+    methods = list(params.evaluate.methods)
+    for path in [*remove_unlisted(Path(out) / benchmark, ".json", methods),
+                 *remove_unlisted(Path(predictions) / benchmark, ".parquet", methods)]:
+        log.info("%s: removed %s (its method is not in evaluate.methods)", benchmark, path)
+    bf16 = resolve_bf16(params.evaluate.bf16, resolve_device(params.evaluate.device))
+    shared = shared_inputs(benchmark, embeddings=Path(embeddings), prompts=Path(prompts), base=Path(base))
+    results: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        plugin = Path(plugins) / f"{method}.pt" if plugins is not None else None
+        fp = method_fingerprint(shared, method, plugin if plugin is not None and plugin.is_file() else None,
+                                evaluate_params=result_params(params), plugin_params=params.to_dict()["plugin"],
+                                bf16=bf16)
+        json_path = Path(out) / benchmark / f"{method}.json"
+        if reusable(json_path, Path(predictions) / benchmark / f"{method}.parquet", fp):
+            log.info("%s / %s: inputs unchanged, kept %s", benchmark, method, json_path)
+            results[method] = json.loads(json_path.read_text(encoding="utf-8"))
+            continue
+        results[method] = evaluate_benchmark(params, benchmark, method, embeddings=Path(embeddings),
+                                             prompts=Path(prompts), base=Path(base), plugins=plugins, out=Path(out),
+                                             predictions=Path(predictions), progress=progress,
+                                             output_fingerprint=fp)
+    return results
 
 
 def run_evaluate(
@@ -123,10 +177,12 @@ def run_evaluate(
     predictions: Path | None = None,
     fresh: bool = False,
     progress: bool = True,
+    all_methods: bool = False,
 ) -> dict[str, Any]:
     """The ``evaluate`` stage: check the command line's ``entry`` fields against params, then either validate a
-    user dataset (``index_only``: its index + quarantine list) or score ``method`` on ``benchmark``; prints a
-    summary and returns the index JSON or the metrics."""
+    user dataset (``index_only``: its index + quarantine list), score ``method`` on ``benchmark``, or
+    (``all_methods``, HQ sets) score every ``evaluate.methods`` entry with :func:`evaluate_all_methods`; prints a
+    summary and returns the index JSON, the metrics, or {method: metrics}."""
     check_entry(params, benchmark, entry or {})
     if index_only:
         doc = write_user_index(params, benchmark, out=Path(out), index_dir=Path(index_dir))
@@ -134,6 +190,19 @@ def run_evaluate(
         print(f"{benchmark}: {doc['valid']} valid, {doc['quarantined']} quarantined ({reasons}) -> "
               f"{Path(out) / benchmark / 'index.json'}, {Path(index_dir) / benchmark}")
         return doc
+    if all_methods:
+        if method is not None or predictions is None:
+            raise ValueError("evaluate: all_methods scores every evaluate.methods entry: give no method, and a "
+                             "predictions folder")
+        if fresh:
+            for m in params.evaluate.methods:
+                shutil.rmtree(Path(predictions) / benchmark / f".{m}.partial", ignore_errors=True)
+        results = evaluate_all_methods(params, benchmark, embeddings=Path(embeddings), prompts=Path(prompts),
+                                       base=Path(base), plugins=plugins, out=Path(out),
+                                       predictions=Path(predictions), progress=progress)
+        for m, metrics in results.items():
+            _print_summary(benchmark, m, metrics, Path(out))
+        return results
     if method is None or predictions is None:
         raise ValueError("evaluate: a method and a predictions folder are needed to score (or use index_only)")
     if fresh:
@@ -141,12 +210,16 @@ def run_evaluate(
     metrics = evaluate_benchmark(params, benchmark, method, embeddings=Path(embeddings), prompts=Path(prompts),
                                  base=Path(base), plugins=plugins, out=Path(out), predictions=Path(predictions),
                                  progress=progress)
+    _print_summary(benchmark, method, metrics, Path(out))
+    return metrics
+
+
+def _print_summary(benchmark: str, method: str, metrics: dict[str, Any], out: Path) -> None:
     print(f"{benchmark} / {method}:")
     for ptype, vals in sorted(metrics.items()):
         print(f"  {ptype:14s} " + "  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
                                            for k, v in vals.items()))
-    print(json.dumps({"benchmark": benchmark, "method": method, "out": str(Path(out) / benchmark / f"{method}.json")}))
-    return metrics
+    print(json.dumps({"benchmark": benchmark, "method": method, "out": str(out / benchmark / f"{method}.json")}))
 
 
 def evaluate_with_predictor(
@@ -161,8 +234,12 @@ def evaluate_with_predictor(
     predictions: Path,
     fingerprint: dict[str, Any] | None = None,
     progress: bool = True,
+    output_fingerprint: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Score an already-built ``predictor`` (e.g. with a forced α in tests) and write the outputs under ``method``."""
+    """Score an already-built ``predictor`` (e.g. with a forced α in tests) and write the outputs under ``method``.
+
+    ``output_fingerprint`` (:mod:`pipeline.evaluation.reuse`) is stored in the predictions file, which is
+    written after the metrics JSON (so that a finished predictions file means finished outputs)."""
     kind, entry = resolve_benchmark(params, benchmark)
     sam = predictor.model
     json_path = Path(out) / benchmark / f"{method}.json"
@@ -196,9 +273,12 @@ def evaluate_with_predictor(
         if table.num_rows == 0:
             raise EvaluationError(f"{benchmark}: nothing was evaluated (no images with prompts; see warnings above)")
         metrics = summarize(table)
+    atomic_write_json(json_path, finite_json(metrics))
+    if output_fingerprint is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               FINGERPRINT_KEY: encode_fingerprint(output_fingerprint)})
     with atomic_path(pred_path) as tmp:
         pq.write_table(table, tmp)
-    atomic_write_json(json_path, finite_json(metrics))
     if kind != "coco":
         partial.remove()
     log.info("%s / %s -> %s", benchmark, method, json_path)
@@ -400,6 +480,7 @@ __all__ = [
     "EvalItem",
     "PREDICTION_SCHEMA",
     "PartialResults",
+    "evaluate_all_methods",
     "evaluate_benchmark",
     "evaluate_with_predictor",
     "check_cache",
