@@ -322,12 +322,17 @@ def test_scores_every_method_once_then_reuses_them(ws, scored, tmp_path):
     assert again == first
 
 
-def test_a_retrained_plugin_rescores_only_its_method(ws, scored, tmp_path):
+def _scored_once_with_own_plugins(ws: dict[str, Any], tmp_path: Path) -> tuple[Path, Params, dict[str, Any]]:
+    """sam + stable_sam scored once with a copy of the plugins folder: (that folder, params, stable_sam's file)."""
     plugins = tmp_path / "plugins"
     shutil.copytree(ws["plugins"], plugins)
     params = _params(ws, ["sam", "stable_sam"])
     _run_all(ws, params, tmp_path, plugins)
-    ckpt = torch.load(plugins / "stable_sam.pt", weights_only=True)
+    return plugins, params, torch.load(plugins / "stable_sam.pt", weights_only=True)
+
+
+def test_a_retrained_plugin_rescores_only_its_method(ws, scored, tmp_path):
+    plugins, params, ckpt = _scored_once_with_own_plugins(ws, tmp_path)
     for tensor in ckpt["state_dict"].values():
         if tensor.is_floating_point():
             tensor.add_(0.01)
@@ -338,11 +343,7 @@ def test_a_retrained_plugin_rescores_only_its_method(ws, scored, tmp_path):
 
 def test_a_rewritten_plugin_file_with_the_same_weights_is_reused(ws, scored, tmp_path):
     """``sam``'s empty plugin file is rewritten (with the new config) whenever a training param changes."""
-    plugins = tmp_path / "plugins"
-    shutil.copytree(ws["plugins"], plugins)
-    params = _params(ws, ["sam", "stable_sam"])
-    _run_all(ws, params, tmp_path, plugins)
-    ckpt = torch.load(plugins / "stable_sam.pt", weights_only=True)
+    plugins, params, ckpt = _scored_once_with_own_plugins(ws, tmp_path)
     torch.save({**ckpt, "config": {"train": {"lr": 0.123}}, "steps": 7}, plugins / "stable_sam.pt")
     _run_all(ws, params, tmp_path, plugins)
     assert scored == ["sam", "stable_sam"]
