@@ -19,7 +19,8 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11); set PYTHON=..."; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test]' || { echo "pip install failed; retrying once (a truncated index page from the registry has been seen)"; \
+		$(BIN)/pip install -q -e '.[test]'; }
 	touch $@
 
 # The main job: the whole DVC pipeline on params.yaml (the embedded default unless you changed it).
