@@ -399,6 +399,23 @@ def test_missing_metrics_or_unmarked_predictions_are_scored_again(ws, scored, tm
     assert reuse.stored_fingerprint(pred) is not None
 
 
+def test_one_fingerprint_for_a_single_method_run_and_the_all_methods_stage(ws, scored, tmp_path):
+    """A single ``evaluate_benchmark`` call on an HQ set (the fidelity and seeds harnesses) stores the fingerprint
+    the evaluate@<set> stage compares, so the stage keeps its outputs; a COCO/folder entry stores its own."""
+    params = _params(ws, ["sam", "stable_sam"])
+    for method in ("sam", "stable_sam"):
+        ev_mod.evaluate_benchmark(params, DATASET, method, embeddings=ws["emb"], prompts=ws["prompts"],
+                                  base=ws["base"], plugins=ws["plugins"], out=tmp_path / "metrics",
+                                  predictions=tmp_path / "pred", progress=False)
+    assert scored == ["sam", "stable_sam"]
+    _run_all(ws, params, tmp_path)
+    assert scored == ["sam", "stable_sam"], "the stage scored again what a single-method run had just made"
+    run(ws, "stable_sam", bench="toy", tag="_folder")
+    stored = reuse.stored_fingerprint(ws["tmp"] / "pred_folder" / "toy" / "stable_sam.parquet")
+    assert stored is not None and stored["method"] == "stable_sam" and len(stored["plugin"]) == 64
+    assert "code" not in stored
+
+
 def test_only_hq_sets_and_no_method_with_all_methods(ws, tmp_path):
     with pytest.raises(ValueError, match="one stage per method"):
         evaluate_all_methods(ws["params"], "toy", embeddings=ws["emb"], prompts=ws["prompts"], base=ws["base"],

@@ -102,19 +102,37 @@ def evaluate_benchmark(
     out: Path,
     predictions: Path,
     progress: bool = True,
-    output_fingerprint: dict[str, Any] | None = None,
+    fingerprint: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Load the base SAM and ``method``'s weights, score ``benchmark``, write the JSON + parquet; return the metrics."""
+    """Load the base SAM and ``method``'s weights, score ``benchmark``, write the JSON + parquet; return the metrics.
+
+    ``fingerprint``: what the outputs are made from (see :func:`evaluate_with_predictor`). By default, for an HQ
+    set, :func:`hq_fingerprint` (what :func:`evaluate_all_methods` compares to reuse finished outputs); for a COCO
+    or folder entry, the method, the base checkpoint's sha256 and the plugin file's sha256."""
     predictor = load_predictor(params, method, Path(base), plugins)
-    fingerprint = {"method": method, "base": predictor.info.get("checkpoint_sha256", "")}
-    ckpt = Path(plugins) / f"{method}.pt" if plugins is not None else None
-    if ckpt is not None and ckpt.is_file() and predictor.decoder.num_trainable > 0:
-        fingerprint["plugin"] = sha256_file(ckpt)
+    plugin = Path(plugins) / f"{method}.pt" if plugins is not None else None
+    if fingerprint is None and resolve_benchmark(params, benchmark)[0] == "cache":
+        shared = shared_inputs(benchmark, embeddings=Path(embeddings), prompts=Path(prompts), base=Path(base))
+        fingerprint = hq_fingerprint(params, shared, method, plugin, bf16=predictor.bf16)
+    elif fingerprint is None:
+        fingerprint = {"method": method, "base": predictor.info.get("checkpoint_sha256", "")}
+        if plugin is not None and plugin.is_file() and predictor.decoder.num_trainable > 0:
+            fingerprint["plugin"] = sha256_file(plugin)
     return evaluate_with_predictor(
         params, benchmark, method, predictor,
         embeddings=embeddings, prompts=prompts, out=out, predictions=predictions,
-        fingerprint=fingerprint, progress=progress, output_fingerprint=output_fingerprint,
+        fingerprint=fingerprint, progress=progress,
     )
+
+
+def hq_fingerprint(params: Params, shared: dict[str, Any], method: str, plugin: Path | None, *,
+                   bf16: bool) -> dict[str, Any]:
+    """Everything ``method``'s scores on an HQ set are a function of: the set's ``shared`` inputs
+    (:func:`pipeline.evaluation.reuse.shared_inputs`), the plugin file when there is one, the score-changing params
+    and bf16 (:func:`pipeline.evaluation.reuse.method_fingerprint`)."""
+    return method_fingerprint(shared, method, plugin if plugin is not None and plugin.is_file() else None,
+                              evaluate_params=result_params(params), plugin_params=params.to_dict()["plugin"],
+                              bf16=bf16)
 
 
 def evaluate_all_methods(
@@ -146,9 +164,7 @@ def evaluate_all_methods(
     results: dict[str, dict[str, Any]] = {}
     for method in methods:
         plugin = Path(plugins) / f"{method}.pt" if plugins is not None else None
-        fp = method_fingerprint(shared, method, plugin if plugin is not None and plugin.is_file() else None,
-                                evaluate_params=result_params(params), plugin_params=params.to_dict()["plugin"],
-                                bf16=bf16)
+        fp = hq_fingerprint(params, shared, method, plugin, bf16=bf16)
         json_path = Path(out) / benchmark / f"{method}.json"
         if reusable(json_path, Path(predictions) / benchmark / f"{method}.parquet", fp):
             log.info("%s / %s: inputs unchanged, kept %s", benchmark, method, json_path)
@@ -157,7 +173,7 @@ def evaluate_all_methods(
         results[method] = evaluate_benchmark(params, benchmark, method, embeddings=Path(embeddings),
                                              prompts=Path(prompts), base=Path(base), plugins=plugins, out=Path(out),
                                              predictions=Path(predictions), progress=progress,
-                                             output_fingerprint=fp)
+                                             fingerprint=fp)
     return results
 
 
@@ -234,12 +250,13 @@ def evaluate_with_predictor(
     predictions: Path,
     fingerprint: dict[str, Any] | None = None,
     progress: bool = True,
-    output_fingerprint: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score an already-built ``predictor`` (e.g. with a forced α in tests) and write the outputs under ``method``.
 
-    ``output_fingerprint`` (:mod:`pipeline.evaluation.reuse`) is stored in the predictions file, which is
-    written after the metrics JSON (so that a finished predictions file means finished outputs)."""
+    ``fingerprint`` (what the caller knows the scores depend on, e.g. :func:`hq_fingerprint`) is stored in the
+    predictions file, which is written after the metrics JSON, so a finished predictions file means finished
+    outputs made from those inputs. With the benchmark, the evaluate params, the prompts and the cache's
+    metadata added, it also keys the resume folder of an interrupted run."""
     kind, entry = resolve_benchmark(params, benchmark)
     sam = predictor.model
     json_path = Path(out) / benchmark / f"{method}.json"
@@ -259,7 +276,8 @@ def evaluate_with_predictor(
             from pipeline.data.embedding_format import read_cache_meta
 
             cache_meta = read_cache_meta(Path(embeddings))
-            check_cache(cache_meta, sam, params.evaluate.postprocess, Path(embeddings), (fingerprint or {}).get("base"))
+            check_cache(cache_meta, sam, params.evaluate.postprocess, Path(embeddings),
+                        predictor.info.get("checkpoint_sha256"))
             fp["prompts_sha256"] = sha256_file(prompts) if Path(prompts).is_file() else None
             fp["cache"] = cache_meta
         partial = PartialResults(pred_path.parent / f".{method}.partial", fp)
@@ -274,9 +292,9 @@ def evaluate_with_predictor(
             raise EvaluationError(f"{benchmark}: nothing was evaluated (no images with prompts; see warnings above)")
         metrics = summarize(table)
     atomic_write_json(json_path, finite_json(metrics))
-    if output_fingerprint is not None:
+    if fingerprint is not None:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                               FINGERPRINT_KEY: encode_fingerprint(output_fingerprint)})
+                                               FINGERPRINT_KEY: encode_fingerprint(fingerprint)})
     with atomic_path(pred_path) as tmp:
         pq.write_table(table, tmp)
     if kind != "coco":
@@ -484,6 +502,7 @@ __all__ = [
     "evaluate_benchmark",
     "evaluate_with_predictor",
     "check_cache",
+    "hq_fingerprint",
     "summarize",
     "result_params",
     "run_evaluate",
