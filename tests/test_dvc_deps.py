@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,14 @@ def test_tracking_and_evaluation_depend_on_what_they_must() -> None:
     outs = {next(iter(o)): o[next(iter(o))] for o in hq["outs"]}
     assert set(outs) == {"data/predictions/${item}", "metrics/eval/${item}"}
     assert all(o.get("persist") is True for o in outs.values())
+
+
+def test_dvc_lock_holds_only_the_stages_of_dvc_yaml() -> None:
+    """DVC never prunes the dvc.lock entry of a stage that dvc.yaml renamed or removed; a stale entry misleads
+    whoever reads the lock (it records outputs nothing makes any more), so the committed lock holds only live stages."""
+    names = subprocess.run([sys.executable, "-m", "dvc", "stage", "list", "--name-only"], cwd=PROJECT_ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert "embed" in names and "evaluate@COIFT" in names, names
+    locked = yaml.safe_load((PROJECT_ROOT / "dvc.lock").read_text())["stages"]
+    stale = sorted(set(locked) - set(names))
+    assert not stale, f"dvc.lock has entries for stages dvc.yaml does not define: {stale}; delete them from dvc.lock"
