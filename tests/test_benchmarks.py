@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import eval_image, run_all, train_step
+from benchmarks import eval_image, grid_cost, run_all, train_step
 from tests.fakes import TEST_PARAMS_PATH, write_test_params
 
 TRAIN_PARTS = {"batch_assembly", "prompt_encoding", "forward", "loss", "backward", "optimizer", "other"}
@@ -44,6 +44,18 @@ def test_train_step_tiny_run_prints_ratio_and_breakdown(capsys: pytest.CaptureFi
     assert result["benchmark"] == "train_step" and result["batch_size"] == 2
     _check_timings(result, ("stage_step_s", "bare_step_s"), TRAIN_PARTS, "instrumented_step_s")
     assert result["breakdown_s"]["forward"] > 0 and result["breakdown_s"]["backward"] > 0
+
+
+def test_grid_cost_times_both_grids_and_states_no_goal(capsys: pytest.CaptureFixture[str]) -> None:
+    result = grid_cost.main(["--params", str(TEST_PARAMS_PATH), "--batch", "1", "--repeats", "1"])
+    assert _printed_json(capsys) == result
+    keys = {"stable_sam_step_s", "dt_sam_step_s", "encoder_forward_s", "encoder_step_s"}
+    for grid, img_size in ((32, 256), (64, 512)):
+        block = result[f"grid_{grid}"]
+        assert block["img_size"] == img_size and keys <= set(block)
+        assert all(math.isfinite(block[k]) and block[k] > 0 for k in keys)
+    assert set(result["ratios"]) == keys and result["ratio"] == result["ratios"]["stable_sam_step_s"]
+    assert run_all.parse_goal(result["goal"]) is None  # a measurement for the report, not a pass/fail goal
 
 
 def test_eval_image_tiny_run_prints_ratio_and_breakdown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
