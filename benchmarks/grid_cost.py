@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from pipeline.config import load_params
+from pipeline.config import PluginConfig, load_params
 from pipeline.modeling.backbones import build_tiny
 from pipeline.modeling.methods import PromptBatch, build_method
 
@@ -43,7 +43,7 @@ def timed(fn: Callable[[], None]) -> float:
     return time.perf_counter() - t
 
 
-def workloads(img_size: int, grid: int, batch: int, plugin) -> dict[str, Callable[[], None]]:
+def workloads(img_size: int, grid: int, batch: int, plugin: PluginConfig) -> dict[str, Callable[[], None]]:
     """name -> a closure running one unit of that work at this geometry."""
     torch.manual_seed(0)
     sam = build_tiny(img_size, grid)
@@ -59,6 +59,8 @@ def workloads(img_size: int, grid: int, batch: int, plugin) -> dict[str, Callabl
             model.zero_grad(set_to_none=True)
         work[f"{name}_step_s"] = step
     encoder = sam.image_encoder
+    for p in encoder.parameters():  # build_method froze the whole SAM; pre-training trains the encoder
+        p.requires_grad_(True)
     images = torch.randn(batch, 3, img_size, img_size)
 
     def forward() -> None:
@@ -66,8 +68,6 @@ def workloads(img_size: int, grid: int, batch: int, plugin) -> dict[str, Callabl
             encoder.eval()(images)
 
     def encoder_step() -> None:
-        for p in encoder.parameters():
-            p.requires_grad_(True)
         encoder.train()(images).sum().backward()
         encoder.zero_grad(set_to_none=True)
     work["encoder_forward_s"] = forward
